@@ -1,0 +1,136 @@
+"""Fitting configuration: named presets, overrides from a file or flags, and validation with clear errors."""
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from .network import MODELS, Architecture, StageSpec
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line that names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    model: str = "m"
+    levels: int = 3
+    # Per-stage widths and band limits, coarse to fine. Another level count keeps the finest entries and extends
+    # coarser ones by repeating the widths and halving omega_0, so `--levels` works with every preset.
+    first: tuple = (64, 128, 192)
+    hidden: tuple = (128, 192, 256)
+    hidden_layers: int = 1
+    omega_0: tuple = (8.0, 16.0, 32.0)
+    omega_hidden: float = 30.0
+    target: str = "gaussian"  # "gaussian" (all models) or "laplacian" (L-Net, S-Net)
+    border: str = "reflect"  # "reflect" for photos, "wrap" for tileable textures
+    lr: tuple = (1e-4, 1e-4, 1e-4)  # per stage: Adam's learning rate, cosine-decayed to lr_final over max_epochs
+    lr_final: float = 1e-4
+    max_epochs: tuple = (300, 300, 300)
+    batch_pixels: int = 0  # pixels per step; 0 takes the whole level in one step
+    loss_tol: float = 0.0  # stop an image's stage once its loss is below this
+    stall_epochs: int = 0  # stop once the loss has not improved by stall_tol (relative) for this many epochs; 0: never
+    stall_tol: float = 1e-3
+    seed: int = 0
+    weights_dtype: str = "float32"  # how model files store weights: float32 or float16
+
+    def validate(self):
+        choices = {"model": MODELS, "target": ("gaussian", "laplacian"), "border": ("reflect", "wrap"),
+                   "weights_dtype": ("float32", "float16")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")
+        if self.target == "laplacian" and self.model == "m":
+            raise ConfigError("target: M-Net stages build on each other and need gaussian targets")
+        positive = {"levels": self.levels, "lr_final": self.lr_final, "omega_hidden": self.omega_hidden}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{key}: must be positive, not {value!r}")
+        for key in ("first", "omega_0", "max_epochs", "lr") + (("hidden",) if self.model != "s" else ()):
+            values = getattr(self, key)
+            if not values or any(not (isinstance(v, (int, float)) and v > 0) for v in values):
+                raise ConfigError(f"{key}: must be a non-empty list of positive numbers, not {list(values)!r}")
+        if self.hidden_layers < 0 or (self.model != "s" and self.hidden_layers == 0):
+            raise ConfigError(f"hidden_layers: {MODELS[self.model]} needs at least one, not {self.hidden_layers}")
+        for key in ("batch_pixels", "stall_epochs"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be 0 or more, not {getattr(self, key)}")
+        return self
+
+    def per_stage(self, key):
+        """A per-stage list of `levels` entries, finest-aligned (see the note on `first`)."""
+        values = list(getattr(self, key))[-self.levels :]
+        while len(values) < self.levels:
+            values.insert(0, values[0] / 2 if key == "omega_0" else values[0])
+        return values
+
+    def architecture(self, channels):
+        hidden = self.per_stage("hidden") if self.model != "s" else [0] * self.levels
+        layers = self.hidden_layers if self.model != "s" else 0
+        stages = tuple(
+            StageSpec(int(f), (int(h),) * layers, float(w))
+            for f, h, w in zip(self.per_stage("first"), hidden, self.per_stage("omega_0"))
+        )
+        return Architecture(self.model, channels, stages, float(self.omega_hidden))
+
+    def to_dict(self):
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+# Model-specific defaults: similar parameter budgets (about 160K for RGB at 3 levels).
+_MODEL_DEFAULTS = {
+    "m": {},
+    "l": {"first": (96, 128, 160), "hidden": (160, 224, 272)},
+    "s": {"first": (512, 1024, 2048), "omega_0": (16.0, 32.0, 64.0)},
+}
+
+PRESETS = {
+    # Full quality on photos (about 160K parameters for RGB at 3 levels).
+    "default": {},
+    # Seconds, for smoke tests: small widths and few epochs.
+    "fast": {"first": (16, 24, 32), "hidden": (24, 32, 48), "max_epochs": (40, 40, 40), "lr": 2e-3, "lr_final": 2e-4},
+}
+
+
+def _coerce(key, value, kind):
+    if kind is tuple:
+        value = list(value) if isinstance(value, (list, tuple)) else [value]
+        return tuple(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{key}: must be {kind.__name__}, not {value!r}")
+    return value
+
+
+def load_file(path):
+    """A config file: TOML or JSON, a flat table of FitConfig keys (a [fit] table is accepted too)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    return data.get("fit", data) if isinstance(data, dict) else data
+
+
+def make_config(preset="default", overrides=None, model=None):
+    """Resolve preset, then model defaults, then overrides (a dict, e.g. from `load_file` and CLI flags)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overrides = dict(overrides or {})
+    if not isinstance(overrides, dict):
+        raise ConfigError("config: must be a table of keys")
+    model = model or overrides.get("model") or "m"
+    if model not in MODELS:
+        raise ConfigError(f"model: must be one of {', '.join(MODELS)}, not {model!r}")
+    kinds = {f.name: f.type for f in fields(FitConfig)}
+    merged = {**_MODEL_DEFAULTS[model], **PRESETS[preset], **overrides, "model": model}
+    values = {}
+    for key, value in merged.items():
+        if key not in kinds:
+            raise ConfigError(f"{key}: unknown config key; known keys: {', '.join(kinds)}")
+        values[key] = _coerce(key, value, kinds[key])
+    return replace(FitConfig(), **values).validate()

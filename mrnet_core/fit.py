@@ -1,0 +1,133 @@
+"""Fit a batch of same-sized images, stage by stage, coarse to fine.
+
+Stage i trains alone (earlier stages frozen) against level i of the pyramid, counted coarse to fine. What the
+frozen stages contribute at that level's coordinates (their summed output, and for M-Net the basis features
+the new stage reads) never changes while stage i trains, so it is computed once per stage. Each image has
+its own loss and its own stopping point; Adam is per-element, so a batched fit equals B separate fits.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import FitConfig
+from .network import MRNet
+from .pyramid import gaussian_pyramid, laplacian_from_gaussian, pixel_grid
+
+
+@dataclass
+class StageReport:
+    params: int
+    epochs: list  # per image: passes over the level's pixels before it stopped
+    seconds: float
+    loss: list = field(default_factory=list)  # per image: final mean squared error on the stage's target
+
+
+def level_targets(images, cfg: FitConfig):
+    """Per-stage targets, coarse to fine: Gaussian levels, or Laplacian bands for Laplacian targets."""
+    gaussians = gaussian_pyramid(images, levels=cfg.levels, border=cfg.border)
+    levels = laplacian_from_gaussian(gaussians, cfg.border) if cfg.target == "laplacian" else gaussians
+    return levels[::-1]
+
+
+class _Adam:
+    """Adam over [B, ...] parameters that updates only the images still training (a [B] bool mask)."""
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.betas, self.eps, self.step_count = list(params), betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, lr, active):
+        self.step_count += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1**self.step_count, 1 - b2**self.step_count
+        for p, m, v in zip(self.params, self.m, self.v):
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            update = (m / c1).div_((v / c2).sqrt_().add_(self.eps))
+            mask = active.view(-1, *[1] * (p.dim() - 1)).to(p.dtype)
+            p.sub_(update.mul_(mask), alpha=lr)
+            p.grad = None
+
+
+def _learning_rate(start, final, epoch, max_epochs):
+    progress = min(epoch / max(max_epochs - 1, 1), 1.0)
+    return final + (start - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
+    """Train stage i of `model` on target [B, C, h, w] (the level's Gaussian image or Laplacian band)."""
+    b, c, h, w = target.shape
+    device = target.device
+    coords = pixel_grid(h, w, device=device)
+    residual = target.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    basis = None
+    with torch.no_grad():
+        if i > 0:
+            outputs, features = model.stage_outputs(coords, i)
+            if cfg.target == "gaussian":
+                residual = residual - sum(outputs)
+            basis = features if model.arch.model == "m" else None
+    stage = model.stages[i]
+    for j, s in enumerate(model.stages):
+        s.requires_grad_(j == i)
+    optimizer = _Adam(stage.parameters())
+    max_epochs, lr_start = cfg.per_stage("max_epochs")[i], cfg.per_stage("lr")[i]
+    n = h * w
+    step_pixels = cfg.batch_pixels if 0 < cfg.batch_pixels < n else n
+    active = torch.ones(b, dtype=torch.bool, device=device)
+    epochs = torch.zeros(b, dtype=torch.long)
+    best = torch.full((b,), math.inf)
+    best_epoch = torch.zeros(b, dtype=torch.long)
+    last_loss = torch.zeros(b)
+    x = coords.expand(b, -1, -1)
+    start = time.perf_counter()
+    for epoch in range(int(max_epochs)):
+        lr = _learning_rate(lr_start, cfg.lr_final, epoch, max_epochs)
+        order = torch.randperm(n, generator=generator).to(device) if step_pixels < n else None
+        epoch_loss = torch.zeros(b, device=device)
+        for first in range(0, n, step_pixels):
+            if order is None:
+                xs, ys, bs = x, residual, basis
+            else:
+                idx = order[first : first + step_pixels]
+                xs, ys = x[:, idx], residual[:, idx]
+                bs = basis[:, idx] if basis is not None else None
+            pred, _ = stage(xs, bs)
+            per_image = (pred - ys).square().mean(dim=(1, 2))
+            (per_image * active).sum().backward()
+            optimizer.step(lr, active)
+            epoch_loss += per_image.detach() * (ys.shape[1] / n)
+        epoch_loss = epoch_loss.cpu()
+        was_active = active.cpu()
+        epochs += was_active.long()
+        last_loss = torch.where(was_active, epoch_loss, last_loss)
+        improved = epoch_loss < best * (1 - cfg.stall_tol)
+        best_epoch = torch.where(improved & was_active, epoch, best_epoch)
+        best = torch.where(was_active, torch.minimum(best, epoch_loss), best)
+        stop = epoch_loss < cfg.loss_tol
+        if cfg.stall_epochs:
+            stop |= (epoch - best_epoch) >= cfg.stall_epochs
+        active = (was_active & ~stop).to(device)
+        if progress:
+            progress(i, epoch, last_loss)
+        if not active.any():
+            break
+    stage.requires_grad_(False)
+    seconds = time.perf_counter() - start
+    return StageReport(model.arch.stage_params(i), epochs.tolist(), seconds, last_loss.tolist())
+
+
+def fit(images, cfg: FitConfig, device=None, progress=None):
+    """Fit one MR-Net per image of a batch [B, C, H, W] in [0, 1]. Returns (model, stage reports)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    images = images.to(device=device, dtype=torch.float32)
+    model = MRNet(cfg.architecture(images.shape[1]), batch=images.shape[0], seed=cfg.seed).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    targets = level_targets(images, cfg)
+    reports = [fit_stage(model, i, target, cfg, generator, progress) for i, target in enumerate(targets)]
+    model.requires_grad_(False)
+    return model, reports

@@ -1,0 +1,38 @@
+"""Quality and size figures: PSNR and SSIM per image, parameter and byte counts."""
+import torch
+import torch.nn.functional as F
+
+
+def psnr(a, b):
+    """Peak signal-to-noise ratio in dB of [B, C, H, W] images in [0, 1]: one value per image."""
+    mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).square().flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-12))
+
+
+def _gaussian_window(size, sigma, device):
+    x = torch.arange(size, device=device, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def ssim(a, b, window=11, sigma=1.5):
+    """Structural similarity (Wang et al. 2004, Gaussian window) of [B, C, H, W] images in [0, 1], per image.
+
+    Small images use the largest odd window that fits, so coarse pyramid levels get a value too.
+    """
+    a, b = a.float().clamp(0, 1), b.float().clamp(0, 1)
+    bsz, c, h, w = a.shape
+    size = min(window, h - (h + 1) % 2, w - (w + 1) % 2)
+    g = _gaussian_window(size, sigma * size / window, a.device)
+    kernel_h, kernel_v = g.view(1, 1, 1, size).repeat(c, 1, 1, 1), g.view(1, 1, size, 1).repeat(c, 1, 1, 1)
+
+    def filt(x):
+        return F.conv2d(F.conv2d(x, kernel_h, groups=c), kernel_v, groups=c)
+
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a**2
+    var_b = filt(b * b) - mu_b**2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.flatten(1).mean(1)

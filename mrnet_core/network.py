@@ -1,0 +1,146 @@
+"""MR-Nets: S-Net, L-Net and M-Net, batched over images.
+
+One `MRNet` holds the weights of B images of one architecture; every weight has a leading image dimension
+and a forward pass evaluates all B networks with batched matrix products. Stage i is a small sinusoidal MLP
+g_i, and the network is f(x, t) = sum_i c_i(t) g_i(x) with c_i(t) = clamp(t - i, 0, 1).
+"""
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+MODELS = {"s": "S-Net", "l": "L-Net", "m": "M-Net"}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    first: int  # first-layer width: the number of sinusoidal frequencies
+    hidden: tuple = ()  # hidden-layer widths; empty for S-Net
+    omega_0: float = 30.0  # first-layer frequency scale: the stage's band limit
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model: str  # "s", "l" or "m"
+    channels: int
+    stages: tuple
+    omega_hidden: float = 30.0
+    in_features: int = 2
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}, not {self.model!r}")
+        if not self.stages:
+            raise ValueError("an MR-Net needs at least one stage")
+        if self.channels < 1 or self.in_features < 1:
+            raise ValueError(f"channels and in_features must be positive, not {self.channels}, {self.in_features}")
+        for s in self.stages:
+            if (self.model == "s") != (len(s.hidden) == 0):
+                raise ValueError(f"{MODELS[self.model]} stages {'have no' if self.model == 's' else 'need'} hidden layers")
+            if s.first < 1 or any(h < 1 for h in s.hidden):
+                raise ValueError(f"layer widths must be positive: {s}")
+
+    def layer_shapes(self, i):
+        """(fan_in, fan_out) of every layer of stage i, first to output."""
+        s = self.stages[i]
+        widths = [s.first, *s.hidden]
+        fan_ins = [self.in_features, *widths[:-1]]
+        if self.model == "m" and i > 0:  # the first hidden layer also reads the previous stage's basis
+            fan_ins[1] += self.stages[i - 1].hidden[-1]
+        return list(zip(fan_ins, widths)) + [(widths[-1], self.channels)]
+
+    def stage_params(self, i):
+        return sum((fi + 1) * fo for fi, fo in self.layer_shapes(i))
+
+    def params(self):
+        return sum(self.stage_params(i) for i in range(len(self.stages)))
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d["stages"] = tuple(StageSpec(s["first"], tuple(s["hidden"]), float(s["omega_0"])) for s in d["stages"])
+        return cls(**d)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class Stage(nn.Module):
+    """One sinusoidal MLP, B copies. Weights are [B, fan_in, fan_out] so that x @ W is a batched product."""
+
+    def __init__(self, shapes, omega_0, omega_hidden, batch, generator):
+        super().__init__()
+        self.omegas = [omega_0] + [omega_hidden] * (len(shapes) - 2)
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for j, (fan_in, fan_out) in enumerate(shapes):
+            # SIREN initialisation: the first layer spans [-1, 1] so that frequencies fill [-omega_0, omega_0];
+            # later layers keep activations in sin's well-behaved range.
+            bound = 1.0 if j == 0 else math.sqrt(6 / fan_in) / omega_hidden
+            w = (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * bound
+            b = (torch.rand(fan_out, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+            # Every image of the batch starts from the same draw, so a batched fit equals B single fits.
+            self.weights.append(nn.Parameter(w.expand(batch, -1, -1).clone()))
+            self.biases.append(nn.Parameter(b.expand(batch, -1).clone()))
+
+    def forward(self, x, basis=None):
+        """x: [B, N, in] coordinates; basis: [B, N, H] previous-stage features (M-Net). Returns (g, features)."""
+        h = x
+        for j, omega in enumerate(self.omegas):
+            w, b = self.weights[j], self.biases[j].unsqueeze(1)
+            if j == 1 and basis is not None:
+                # Same as concatenating [h, basis] before one product, without materialising the concatenation.
+                own = h.shape[-1]
+                z = torch.baddbmm(b, h, w[:, :own]).baddbmm_(basis, w[:, own:])
+                h = torch.sin(omega * z)
+            else:
+                h = torch.sin(torch.baddbmm(b, h, w, beta=omega, alpha=omega))
+        out = torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
+        return out, h
+
+
+class MRNet(nn.Module):
+    def __init__(self, arch: Architecture, batch=1, seed=0):
+        super().__init__()
+        self.arch = arch
+        generator = torch.Generator().manual_seed(seed)
+        self.stages = nn.ModuleList(
+            Stage(arch.layer_shapes(i), s.omega_0, arch.omega_hidden, batch, generator) for i, s in enumerate(arch.stages)
+        )
+
+    @property
+    def batch(self):
+        return self.stages[0].weights[0].shape[0]
+
+    def stage_outputs(self, x, count=None):
+        """The first `count` stage outputs g_i(x), each [B, N, C], and the last one's features."""
+        x = x.expand(self.batch, -1, -1) if x.dim() == 2 else x
+        outputs, basis = [], None
+        for stage in self.stages[: count or len(self.stages)]:
+            g, h = stage(x, basis if self.arch.model == "m" else None)
+            outputs.append(g)
+            basis = h
+        return outputs, basis
+
+    def forward(self, x, t=None):
+        """f(x, t) = sum_i c_i(t) g_i(x); t=None is the full network (t = N). Stages with c_i(t) = 0 are skipped."""
+        n = len(self.stages)
+        t = float(n if t is None else t)
+        if not 0 <= t <= n:
+            raise ValueError(f"level of detail t must lie in [0, {n}], not {t}")
+        count = min(n, math.ceil(t)) or 1
+        outputs, _ = self.stage_outputs(x, count)
+        weights = [min(max(t - i, 0.0), 1.0) for i in range(count)]
+        return sum(c * g for c, g in zip(weights, outputs))
+
+    def select(self, index):
+        """A one-image MRNet holding image `index`'s weights."""
+        single = MRNet(self.arch, batch=1)
+        with torch.no_grad():
+            for p, q in zip(single.parameters(), self.parameters()):
+                p.copy_(q[index : index + 1])
+        return single.to(next(self.parameters()).device)

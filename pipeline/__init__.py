@@ -1,0 +1,1 @@
+"""mrnet's pipeline: the command line, and (with Ray) encoding whole collections."""

@@ -1,0 +1,180 @@
+"""The `mrnet` command: fit images to MR-Nets and render models."""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from mrnet_core import modelfile
+from mrnet_core.config import ConfigError, load_file, make_config
+from mrnet_core.encode import encode
+from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
+from mrnet_core.network import MODELS
+from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
+
+
+class Progress:
+    """One status line per stage on stderr, redrawn in place on a terminal."""
+
+    def __init__(self, label, levels):
+        self.label, self.levels, self.start, self.tty = label, levels, time.perf_counter(), sys.stderr.isatty()
+
+    def __call__(self, stage, epoch, losses):
+        mean_psnr = sum(-10 * math.log10(max(float(v), 1e-12)) for v in losses) / len(losses)
+        line = (f"{self.label}: stage {stage + 1}/{self.levels} epoch {epoch + 1} "
+                f"stage-loss PSNR {mean_psnr:.2f} dB, {time.perf_counter() - self.start:.1f} s")
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif epoch % 100 == 0:
+            print(line, file=sys.stderr, flush=True)
+
+    def done(self):
+        if self.tty:
+            print(file=sys.stderr)
+
+
+def _unique_stems(paths):
+    seen, stems = defaultdict(int), []
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] += 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+def _write_json(path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def cmd_fit(args):
+    overrides = load_file(args.config) if args.config else {}
+    for key in ("levels", "seed"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    cfg = make_config(args.preset, overrides, model=args.model)
+    if args.size is not None and args.size < 1:
+        raise ConfigError(f"--size must be a positive number of pixels, not {args.size}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    groups, failed = defaultdict(list), 0
+    for path, stem in zip(args.images, _unique_stems(args.images)):
+        try:
+            image, notes = read_image(path)
+        except ImageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        if args.size:
+            image = resize_long_side(image, args.size)
+        for note in notes:
+            print(f"note: {path}: {note}", file=sys.stderr)
+        groups[tuple(image.shape)].append((path, stem, image, notes))
+
+    import torch
+
+    results = []
+    for (c, h, w), items in groups.items():
+        batch = torch.stack([image for _, _, image, _ in items])
+        progress = Progress(f"{len(items)} image(s) {w}x{h}x{c}", cfg.levels)
+        try:
+            records, blobs = encode(batch, cfg, device=args.device, progress=progress)
+        except ValueError as e:  # e.g. too small for the requested levels
+            progress.done()
+            print(f"error: {', '.join(p for p, *_ in items)}: {e}", file=sys.stderr)
+            failed += len(items)
+            continue
+        progress.done()
+        for (path, stem, _, notes), record, blob in zip(items, records, blobs):
+            model_path = out / f"{stem}.mrnet"
+            tmp = model_path.with_name(f".{model_path.name}.tmp")
+            tmp.write_bytes(blob)
+            os.replace(tmp, model_path)
+            model, _ = modelfile.from_bytes(blob, str(model_path))
+            for k, level in enumerate(record["levels"]):
+                save_png(render(model, level["width"], level["height"], t=k + 1, index=0).clamp(0, 1),
+                         out / stem / f"level_{k}.png")
+            full = record["levels"][-1]
+            print(f"{path}: {record['params']} params, {record['bpp']:.2f} bpp, "
+                  f"{full['psnr']:.2f} dB at {full['width']}x{full['height']}, {record['fit_seconds']:.1f} s")
+            results.append({"name": stem, "path": str(path), "notes": notes, **record})
+    _write_json(out / "metrics.json", results)
+    print(f"wrote {len(results)} model(s) to {out}" + (f"; {failed} failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _numbers(text, sep, kind):
+    """`text` split on `sep` as numbers of `kind`, or [] when any part is not one."""
+    try:
+        return [kind(v) for v in text.split(sep)]
+    except ValueError:
+        return []
+
+
+def cmd_render(args):
+    model, meta = modelfile.load(args.model)
+    window = FULL_DOMAIN
+    if args.domain:
+        window = tuple(_numbers(args.domain, ",", float))
+        if len(window) != 4 or window[0] == window[2] or window[1] == window[3]:
+            raise SystemExit(f"error: --domain must be x0,y0,x1,y1 with x0 != x1 and y0 != y1, not {args.domain!r}")
+    if args.size:
+        size = _numbers(args.size.lower(), "x", int)
+        if len(size) != 2 or min(size) < 1:
+            raise SystemExit(f"error: --size must be WxH with positive integers, not {args.size!r}")
+        width, height = size
+    else:  # the model's native sampling density over the window
+        width = max(1, round(meta["width"] * abs(window[2] - window[0]) / 2))
+        height = max(1, round(meta["height"] * abs(window[3] - window[1]) / 2))
+    n = len(model.stages)
+    t = args.level if args.level is not None else antialiased_level(meta["levels"], width, height, window)
+    if not 0 <= t <= n:
+        raise SystemExit(f"error: --level must lie in [0, {n}] for this {n}-stage model, not {t}")
+    image = render(model, width, height, t=t, window=window, index=0).clamp(0, 1)
+    save_png(image, args.out)
+    print(f"wrote {args.out}: {width}x{height}, level of detail t={t:.2f}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mrnet", description="Encode images as multiresolution sinusoidal networks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fit", help="fit one MR-Net per image; images of the same size are fitted together")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", choices=sorted(MODELS), help="m: M-Net (default), l: L-Net, s: S-Net")
+    p.add_argument("--preset", default="default", help="default or fast")
+    p.add_argument("--config", help="TOML or JSON file of config keys (see README)")
+    p.add_argument("--size", type=int, help="resize so that the long side is S pixels")
+    p.add_argument("--levels", type=int, help="number of levels (stages)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.set_defaults(run=cmd_fit)
+
+    p = sub.add_parser("render", help="render a model at any size, window and level of detail")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, help="output image (PNG)")
+    p.add_argument("--size", help="WxH (default: the model's own resolution over the window)")
+    p.add_argument("--level", type=float, help="level of detail t in [0, N] (default: anti-aliased, from the size)")
+    p.add_argument("--domain", help="window x0,y0,x1,y1 of the domain (default -1,-1,1,1); may lie outside it")
+    p.set_defaults(run=cmd_render)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, modelfile.ModelFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mrnet_core import modelfile
+from mrnet_core.images import read_image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mrnet(*args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """Three photos (two share a size after resizing) and a corrupt file, fitted with the fast preset."""
+    tmp = tmp_path_factory.mktemp("fit")
+    Image.open(ROOT / "samples/coffee.png").convert("RGBA").save(tmp / "coffee_alpha.png")
+    (tmp / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    images = [ROOT / "samples/astronaut.png", ROOT / "samples/rocket.jpg", tmp / "coffee_alpha.png", tmp / "broken.jpg"]
+    out = tmp / "out"
+    result = mrnet("fit", *images, "--out", out, "--preset", "fast", "--size", "48", "--levels", "2")
+    return result, out
+
+
+def test_fit_writes_models_levels_and_metrics(fitted):
+    result, out = fitted
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [m["name"] for m in metrics] == ["astronaut", "rocket", "coffee_alpha"]
+    rocket = metrics[1]
+    for key in ("width", "height", "channels", "model", "params", "model_bytes", "raw_bytes", "bpp", "fit_seconds"):
+        assert key in rocket
+    assert (rocket["width"], rocket["height"], rocket["channels"], rocket["model"]) == (48, 32, 3, "m")
+    assert rocket["batch"] == 2, "rocket and the coffee photo share a size and are fitted together"
+    assert [(lv["width"], lv["height"]) for lv in rocket["levels"]] == [(24, 16), (48, 32)]
+    assert all(lv["psnr"] > 15 and 0 < lv["ssim"] <= 1 for lv in rocket["levels"])
+    assert [s["params"] for s in rocket["stages"]] and all(s["epochs"] > 0 for s in rocket["stages"])
+    assert rocket["model_bytes"] == (out / "rocket.mrnet").stat().st_size
+    assert rocket["raw_bytes"] == 48 * 32 * 3
+    assert rocket["bpp"] == pytest.approx(8 * rocket["model_bytes"] / (48 * 32), rel=1e-3)
+    assert "alpha composited on white" in metrics[2]["notes"]
+    for k in (0, 1):
+        level, _ = read_image(out / "rocket" / f"level_{k}.png")
+        assert level.shape[1:] == (16 * (k + 1), 24 * (k + 1))
+
+
+def test_fit_reports_a_bad_file_by_name_and_goes_on(fitted):
+    result, out = fitted
+    assert result.returncode == 1
+    assert "broken.jpg" in result.stderr and "not an image" in result.stderr
+    assert (out / "astronaut.mrnet").exists()
+
+
+def test_render_any_size_level_and_window(fitted, tmp_path):
+    _, out = fitted
+    model = out / "astronaut.mrnet"
+    r = mrnet("render", model, "--out", tmp_path / "tiles.png", "--size", "40x20", "--domain", "-1,-1,3,1", "--level", "1.5")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "tiles.png").size == (40, 20)
+    r = mrnet("render", model, "--out", tmp_path / "thumb.png", "--size", "12x12")
+    assert r.returncode == 0 and "t=1.00" in r.stdout
+    r = mrnet("render", model, "--out", tmp_path / "native.png")
+    assert Image.open(tmp_path / "native.png").size == (48, 48) and "t=2.00" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["fit", "samples/camera.png", "--out", "o", "--preset", "huge"], "unknown preset"),
+        (["fit", "samples/camera.png", "--out", "o", "--model", "q"], "invalid choice"),
+        (["fit", "samples/camera.png", "--out", "o", "--size", "0"], "--size must be a positive"),
+        (["render", "nothing.mrnet", "--out", "x.png"], "nothing.mrnet: cannot read"),
+        (["render", "samples/camera.png", "--out", "x.png"], "not an .mrnet model file"),
+    ],
+)
+def test_bad_arguments_give_one_clear_error(args, message):
+    result = mrnet(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_bad_render_arguments(fitted, tmp_path):
+    _, out = fitted
+    for flag, value, message in [("--size", "12", "WxH"), ("--domain", "0,0,0,1", "x0,y0,x1,y1"), ("--level", "7", "[0, 2]")]:
+        result = mrnet("render", out / "astronaut.mrnet", "--out", tmp_path / "x.png", flag, value)
+        assert result.returncode != 0 and message in result.stderr
+
+
+def test_config_file_is_validated(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("lr = 1e-3\nwidths = [1, 2]\n")
+    result = mrnet("fit", "samples/camera.png", "--out", tmp_path / "o", "--config", cfg)
+    assert result.returncode == 2 and "widths: unknown config key" in result.stderr

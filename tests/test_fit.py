@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from conftest import sample
+from mrnet_core.config import ConfigError, make_config
+from mrnet_core.encode import level_metrics
+from mrnet_core.fit import fit, fit_stage, level_targets
+from mrnet_core.network import MRNet
+
+TINY = {"first": [8, 12], "hidden": [12, 16], "levels": 2, "max_epochs": [15, 15], "lr": 1e-3, "lr_final": 1e-4}
+
+
+def tiny(**over):
+    return make_config("fast", {**TINY, **over})
+
+
+def test_training_a_stage_leaves_earlier_stages_bit_identical(astronaut64):
+    cfg = tiny()
+    images = astronaut64[None]
+    model = MRNet(cfg.architecture(3), seed=0)
+    targets = level_targets(images, cfg)
+    generator = torch.Generator().manual_seed(0)
+    fit_stage(model, 0, targets[0], cfg, generator)
+    before = [p.clone() for p in model.stages[0].parameters()]
+    later = [p.clone() for p in model.stages[1].parameters()]
+    fit_stage(model, 1, targets[1], cfg, generator)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.stages[0].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(later, model.stages[1].parameters()))
+
+
+@pytest.mark.parametrize("batch_pixels", [0, 512])
+def test_batch_matches_each_image_fitted_alone(batch_pixels):
+    cfg = tiny(batch_pixels=batch_pixels)
+    images = torch.stack([sample(n, 32)[:, :21, :21] for n in ("astronaut.png", "coffee.png", "chelsea.png")])
+    together, _ = fit(images, cfg, device="cpu")
+    for i in range(3):
+        alone, _ = fit(images[i : i + 1], cfg, device="cpu")
+        for p, q in zip(together.parameters(), alone.parameters()):
+            assert torch.allclose(p[i], q[0], atol=1e-4), "batched fit drifted from the single fit"
+
+
+def test_same_seed_reproduces_and_another_seed_differs(astronaut64):
+    images = astronaut64[None, :, :32, :32]
+    a, _ = fit(images, tiny(seed=5), device="cpu")
+    b, _ = fit(images, tiny(seed=5), device="cpu")
+    c, _ = fit(images, tiny(seed=6), device="cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_images_in_one_batch_stop_at_their_own_epoch():
+    flat = torch.full((3, 16, 16), 0.5)
+    busy = sample("astronaut.png", 16)
+    cfg = tiny(loss_tol=2e-3, max_epochs=[60, 60])
+    _, reports = fit(torch.stack([flat, busy]), cfg, device="cpu")
+    epochs = reports[1].epochs  # the flat image's residual is flat: it stops early in stage 2
+    assert epochs[0] < epochs[1] == 60
+    assert reports[1].loss[0] < 2e-3 <= reports[1].loss[1]
+
+
+def test_stall_stops_a_stage_early():
+    flat = torch.full((1, 3, 16, 16), 0.25)
+    cfg = tiny(stall_epochs=3, stall_tol=0.5, max_epochs=[200, 200])
+    _, reports = fit(flat, cfg, device="cpu")
+    assert all(r.epochs[0] < 200 for r in reports)
+
+
+def test_fast_preset_learns_a_photo(astronaut64):
+    cfg = make_config("fast", {"levels": 3})
+    model, reports = fit(astronaut64[None], cfg, device="cpu")
+    levels = level_metrics(model, astronaut64[None], cfg)[0]
+    assert [(lv["height"], lv["width"]) for lv in levels] == [(16, 16), (32, 32), (64, 64)]
+    assert levels[-1]["psnr"] > 22 and levels[0]["psnr"] > 22
+    assert 0 < levels[-1]["ssim"] <= 1
+    assert [r.params for r in reports] == [model.arch.stage_params(i) for i in range(3)]
+
+
+def test_laplacian_targets_fit_bands_independently(astronaut64):
+    cfg = make_config("fast", {"model": "l", "target": "laplacian", "levels": 2})
+    model, _ = fit(astronaut64[None], cfg, device="cpu")
+    assert level_metrics(model, astronaut64[None], cfg)[0][-1]["psnr"] > 20
+
+
+def test_bad_configs_are_one_clear_line():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        make_config("default", {"learning_rate": 1})
+    with pytest.raises(ConfigError, match="M-Net"):
+        make_config("default", {"target": "laplacian"})
+    with pytest.raises(ConfigError, match="lr: must be a non-empty list of positive"):
+        make_config("default", {"lr": -1.0})
+    with pytest.raises(ConfigError, match="unknown preset"):
+        make_config("huge")
+    with pytest.raises(ConfigError, match="levels: must be int"):
+        make_config("default", {"levels": "three"})
+
+
+def test_levels_override_keeps_the_finest_stages():
+    cfg = make_config("default", {"levels": 4})
+    arch = cfg.architecture(3)
+    assert [s.omega_0 for s in arch.stages] == [4.0, 8.0, 16.0, 32.0]
+    assert [s.first for s in arch.stages] == [64, 64, 128, 192]
