@@ -24,10 +24,12 @@ class FitConfig:
     omega_hidden: float = 30.0
     target: str = "gaussian"  # "gaussian" (all models) or "laplacian" (L-Net, S-Net)
     border: str = "reflect"  # "reflect" for photos, "wrap" for tileable textures
-    lr: tuple = (1e-4, 1e-4, 1e-4)  # per stage: Adam's learning rate, cosine-decayed to lr_final over max_epochs
-    lr_final: float = 1e-4
-    max_epochs: tuple = (300, 300, 300)
-    batch_pixels: int = 0  # pixels per step; 0 takes the whole level in one step
+    # Per stage: Adam's learning rate, cosine-decayed to lr_final over max_epochs. Coarse stages see few pixels,
+    # so they afford many epochs and a larger rate; the finest stage costs most and gets the fewest epochs.
+    lr: tuple = (3e-3, 2e-3, 1e-3)
+    lr_final: float = 1e-5
+    max_epochs: tuple = (500, 100, 40)
+    batch_pixels: int = 4096  # pixels per Adam step (a random subset of the level each step); 0: the whole level
     loss_tol: float = 0.0  # stop an image's stage once its loss is below this
     stall_epochs: int = 0  # stop once the loss has not improved by stall_tol (relative) for this many epochs; 0: never
     stall_tol: float = 1e-3
@@ -88,7 +90,8 @@ PRESETS = {
     # Full quality on photos (about 160K parameters for RGB at 3 levels).
     "default": {},
     # Seconds, for smoke tests: small widths and few epochs.
-    "fast": {"first": (16, 24, 32), "hidden": (24, 32, 48), "max_epochs": (40, 40, 40), "lr": 2e-3, "lr_final": 2e-4},
+    "fast": {"first": (16, 24, 32), "hidden": (24, 32, 48), "max_epochs": (300, 100, 50), "lr": (5e-3, 3e-3, 2e-3),
+             "lr_final": 1e-4, "batch_pixels": 1024},
 }
 
 

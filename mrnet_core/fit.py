@@ -31,6 +31,47 @@ def level_targets(images, cfg: FitConfig):
     return levels[::-1]
 
 
+def loss_and_grads(stage, x, basis, target, weight):
+    """Per-image mean squared error of `stage` against target [B, N, C], with gradients set on the stage's weights.
+
+    The stage is small and fixed in shape, so its backward pass is written out by hand rather than left to
+    autograd: that keeps cos(z) from the forward pass, scales by omega on the small weight matrices instead of the
+    large activations, never forms gradients for the coordinates or the frozen basis, and skips autograd's
+    bookkeeping. `weight` [B] scales each image's loss (0 for images that stopped). Layer j computes
+    z = omega_j (h W_j + b_j), h' = sin(z); see `network.Stage.forward`, which this must match.
+    """
+    weights, biases, omegas = stage.weights, stage.biases, stage.omegas
+    inputs, cosines, h = [], [], x
+    for j, omega in enumerate(omegas):
+        inputs.append(h)
+        w, b = weights[j], biases[j].unsqueeze(1)
+        if j == 1 and basis is not None:
+            z = torch.baddbmm(b, h, w[:, : h.shape[-1]], beta=omega, alpha=omega)
+            z.baddbmm_(basis, w[:, h.shape[-1] :], alpha=omega)
+        else:
+            z = torch.baddbmm(b, h, w, beta=omega, alpha=omega)
+        cosines.append(torch.cos(z))
+        h = z.sin_()
+    residual = torch.baddbmm(biases[-1].unsqueeze(1), h, weights[-1]).sub_(target)
+    count = residual.shape[1] * residual.shape[2]
+    per_image = residual.square().sum(dim=(1, 2)) / count
+    g = residual.mul_(weight.view(-1, 1, 1) * (2 / count))  # d loss / d output
+    weights[-1].grad = torch.bmm(h.transpose(1, 2), g)
+    biases[-1].grad = g.sum(1)
+    g = torch.bmm(g, weights[-1].transpose(1, 2))
+    for j in reversed(range(len(omegas))):
+        omega, w, inp = omegas[j], weights[j], inputs[j]
+        g = g.mul_(cosines[j])  # d loss / d z, up to the factor omega applied below on small matrices
+        grad = torch.bmm(inp.transpose(1, 2), g)
+        if j == 1 and basis is not None:
+            grad = torch.cat([grad, torch.bmm(basis.transpose(1, 2), g)], dim=1)
+        weights[j].grad = grad.mul_(omega)
+        biases[j].grad = g.sum(1).mul_(omega)
+        if j > 0:
+            g = torch.bmm(g, (w[:, : inp.shape[-1]] * omega).transpose(1, 2))
+    return per_image.detach()
+
+
 class _Adam:
     """Adam over [B, ...] parameters that updates only the images still training (a [B] bool mask)."""
 
@@ -72,8 +113,6 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
                 residual = residual - sum(outputs)
             basis = features if model.arch.model == "m" else None
     stage = model.stages[i]
-    for j, s in enumerate(model.stages):
-        s.requires_grad_(j == i)
     optimizer = _Adam(stage.parameters())
     max_epochs, lr_start = cfg.per_stage("max_epochs")[i], cfg.per_stage("lr")[i]
     n = h * w
@@ -96,11 +135,9 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
                 idx = order[first : first + step_pixels]
                 xs, ys = x[:, idx], residual[:, idx]
                 bs = basis[:, idx] if basis is not None else None
-            pred, _ = stage(xs, bs)
-            per_image = (pred - ys).square().mean(dim=(1, 2))
-            (per_image * active).sum().backward()
+            per_image = loss_and_grads(stage, xs, bs, ys, active.to(ys.dtype))
             optimizer.step(lr, active)
-            epoch_loss += per_image.detach() * (ys.shape[1] / n)
+            epoch_loss += per_image * (ys.shape[1] / n)
         epoch_loss = epoch_loss.cpu()
         was_active = active.cpu()
         epochs += was_active.long()
@@ -116,7 +153,6 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
             progress(i, epoch, last_loss)
         if not active.any():
             break
-    stage.requires_grad_(False)
     seconds = time.perf_counter() - start
     return StageReport(model.arch.stage_params(i), epochs.tolist(), seconds, last_loss.tolist())
 
@@ -126,8 +162,8 @@ def fit(images, cfg: FitConfig, device=None, progress=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images = images.to(device=device, dtype=torch.float32)
     model = MRNet(cfg.architecture(images.shape[1]), batch=images.shape[0], seed=cfg.seed).to(device)
+    model.requires_grad_(False)  # gradients come from `loss_and_grads`, not autograd
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     targets = level_targets(images, cfg)
     reports = [fit_stage(model, i, target, cfg, generator, progress) for i, target in enumerate(targets)]
-    model.requires_grad_(False)
     return model, reports

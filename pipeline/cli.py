@@ -164,11 +164,36 @@ def build_parser():
     p.add_argument("--level", type=float, help="level of detail t in [0, N] (default: anti-aliased, from the size)")
     p.add_argument("--domain", help="window x0,y0,x1,y1 of the domain (default -1,-1,1,1); may lie outside it")
     p.set_defaults(run=cmd_render)
+
+    def cmd_encode(args):  # imported here so that the other commands never load Ray
+        from pipeline.encode import cmd_encode
+        return cmd_encode(args)
+
+    p = sub.add_parser("encode", help="encode a folder, glob or URI list into Parquet on Ray (resumable)")
+    p.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs (local, s3://, gs://, file://)")
+    p.add_argument("--out", required=True, help="output folder or URI")
+    for flag, kind, text in [("--config", str, "TOML/JSON, [fit] and [job] tables"), ("--preset", str, "default, fast"),
+                             ("--size", int, "resize the long side to S"), ("--levels", int, "levels (stages)"),
+                             ("--ray-address", str, "join this Ray cluster (default: a local one)"),
+                             ("--num-gpus", float, "GPUs per actor"), ("--actors", int, "most fitting actors"),
+                             ("--batch-size", int, "images per actor call"), ("--max-pixels", int, "over it: fail")]:
+        p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--model", choices=sorted(MODELS))
+    p.set_defaults(run=cmd_encode)
     return parser
 
 
+def _join_domain(argv):
+    """Let `--domain -1,-1,3,3` through: argparse would take a value starting with '-' for an option."""
+    out, argv = [], list(argv)
+    while argv:
+        arg = argv.pop(0)
+        out.append(f"--domain={argv.pop(0)}" if arg == "--domain" and argv else arg)
+    return out
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_domain(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
     except (ConfigError, modelfile.ModelFileError) as e:

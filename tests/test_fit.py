@@ -4,7 +4,7 @@ import torch
 from conftest import sample
 from mrnet_core.config import ConfigError, make_config
 from mrnet_core.encode import level_metrics
-from mrnet_core.fit import fit, fit_stage, level_targets
+from mrnet_core.fit import fit, fit_stage, level_targets, loss_and_grads
 from mrnet_core.network import MRNet
 
 TINY = {"first": [8, 12], "hidden": [12, 16], "levels": 2, "max_epochs": [15, 15], "lr": 1e-3, "lr_final": 1e-4}
@@ -99,3 +99,24 @@ def test_levels_override_keeps_the_finest_stages():
     arch = cfg.architecture(3)
     assert [s.omega_0 for s in arch.stages] == [4.0, 8.0, 16.0, 32.0]
     assert [s.first for s in arch.stages] == [64, 64, 128, 192]
+
+
+@pytest.mark.parametrize("model", ["s", "l", "m"])
+def test_hand_written_gradients_match_autograd(model):
+    cfg = make_config("fast", {"model": model, "hidden_layers": 2} if model != "s" else {"model": model})
+    net = MRNet(cfg.architecture(3), batch=2, seed=1)
+    stage = net.stages[1]
+    x = torch.rand(2, 50, 2) * 2 - 1
+    basis = torch.rand(2, 50, cfg.architecture(3).stages[0].hidden[-1]) if model == "m" else None
+    target = torch.rand(2, 50, 3)
+    weight = torch.tensor([1.0, 0.5])
+    per_image = loss_and_grads(stage, x, basis, target, weight)
+    manual = [p.grad.clone() for p in stage.parameters()]
+    for p in stage.parameters():
+        p.grad = None
+    pred, _ = stage(x, basis)
+    expected = (pred - target).square().mean(dim=(1, 2))
+    (expected * weight).sum().backward()
+    assert torch.allclose(per_image, expected.detach(), atol=1e-6)
+    for got, p in zip(manual, stage.parameters()):
+        assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,309 @@
+"""`mrnet encode`: a whole image collection to Parquet on Ray Data, streaming, exactly once, resumable.
+
+    listing (driver, streamed to OUT/_listing) -> read + hash + decode (CPU tasks) -> fit (actor pool, one GPU
+    each, or CPU) -> each actor call writes its own part files atomically -> the driver sums small reports.
+
+Exactly once: a rerun first loads the keys of everything already committed under this config_id, and read tasks
+drop those images. Part files are named by a hash of (config_id, the batch's images), so a batch Ray retries
+after a worker dies rewrites the same file rather than adding one. A driver killed at any moment leaves only
+whole committed parts (plus hidden temporaries, removed on the next run), so the rerun finishes the rest.
+"""
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from mrnet_core.config import ConfigError, make_config
+from mrnet_core.encode import encode
+from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_long_side
+from mrnet_core.pyramid import level_sizes
+
+from . import store
+from .sources import filesystem, list_images, read_bytes
+
+FORMAT = 1  # bump when a change to this pipeline changes what a row holds
+LISTING_CHUNK = 10_000
+READ_BATCH = 16
+
+READ_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("status", pa.string()),  # ok, failed or skipped
+    ("image_id", pa.string()), ("file_bytes", pa.int64()),
+    ("channels", pa.int32()), ("height", pa.int32()), ("width", pa.int32()),
+    ("pixels", pa.large_binary()),  # float32 [C, H, W]
+    ("notes", pa.list_(pa.string())),
+    ("stage", pa.string()), ("error_kind", pa.string()), ("message", pa.string()),
+])
+
+
+def now():
+    return datetime.now(timezone.utc)
+
+
+def read_image(uri, done, failed, size, levels, max_pixels):
+    """One READ_SCHEMA row: the decoded image, or why it failed, or that it is already done."""
+    if store.contains(failed, store.key(uri)):
+        return {"uri": uri, "status": "skipped"}
+    try:
+        data = read_bytes(uri)
+    except OSError as e:
+        return {"uri": uri, "status": "failed", "stage": "read", "error_kind": "unreadable", "message": str(e)}
+    image_id = hashlib.sha256(data).hexdigest()
+    row = {"uri": uri, "image_id": image_id, "file_bytes": len(data)}
+    if store.contains(done, store.key(uri, image_id)):
+        return {**row, "status": "skipped"}
+    try:
+        image, notes = decode(data, uri, max_pixels)
+        if size:
+            image = resize_long_side(image, size)
+        c, h, w = image.shape
+        try:
+            level_sizes(h, w, levels=levels)
+        except ValueError as e:
+            raise ImageError(uri, f"{e} (after resizing)" if size else str(e), "too_small") from None
+    except ImageError as e:
+        return {**row, "status": "failed", "stage": "decode", "error_kind": e.kind, "message": str(e)}
+    return {**row, "status": "ok", "channels": c, "height": h, "width": w, "notes": notes,
+            "pixels": image.numpy().astype(np.float32).tobytes()}
+
+
+def read_images(batch: pa.Table, keys_ref, size, levels, max_pixels):
+    done, failed = ray.get(keys_ref[0])
+    rows = [read_image(uri, done, failed, size, levels, max_pixels) for uri in batch.column("uri").to_pylist()]
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+class Encoder:
+    """An actor holding one device; each call fits a batch of images, grouped by size, and commits its rows."""
+
+    def __init__(self, cfg, cfg_id, out, threads):
+        torch.set_num_threads(threads)
+        self.cfg, self.cfg_id, self.out = cfg, cfg_id, out
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({platform.node()})"
+
+    def fit(self, items):
+        """Rows for same-sized images fitted as one batch; if the batch fails, each image on its own."""
+        c, h, w = items[0]["channels"], items[0]["height"], items[0]["width"]
+        images = torch.stack([torch.from_numpy(np.frombuffer(r["pixels"], np.float32).reshape(c, h, w).copy())
+                              for r in items])
+        try:
+            records, blobs = encode(images, self.cfg, device=self.device)
+        except Exception as e:  # one bad image must not sink its batch, nor the job
+            if len(items) > 1:
+                return [row for item in items for row in self.fit([item])]
+            return [{"uri": items[0]["uri"], "stage": "fit", "error_kind": type(e).__name__,
+                     "message": f"{items[0]['uri']}: {e}"}]
+        arch = json.dumps(self.cfg.architecture(c).to_dict())
+        return [{
+            "image_id": item["image_id"], "uri": item["uri"], "config_id": self.cfg_id,
+            "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": arch, "weights": blob,
+            "params": rec["params"], "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
+            "file_bytes": item["file_bytes"], "bpp": rec["bpp"],
+            "psnr": [lv["psnr"] for lv in rec["levels"]], "ssim": [lv["ssim"] for lv in rec["levels"]],
+            "fit_seconds": rec["fit_seconds"], "batch": rec["batch"],
+            "epochs": [s["epochs"] for s in rec["stages"]], "notes": item["notes"],
+            "device": self.device_name, "encoded_at": now(),
+        } for item, rec, blob in zip(items, records, blobs)]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        groups, failures = defaultdict(list), []
+        for r in rows:
+            if r["status"] == "ok":
+                groups[(r["channels"], r["height"], r["width"])].append(r)
+            elif r["status"] == "failed":
+                failures.append(r)
+        encoded = []
+        for items in groups.values():
+            for row in self.fit(items):
+                (encoded if "weights" in row else failures).append(row)
+        for f in failures:
+            f.update(config_id=self.cfg_id, failed_at=now())
+        name = store.part_name(self.cfg_id, [f"{r['uri']}\0{r['image_id']}" for r in rows if r["status"] != "skipped"])
+        # Failures first: a kill between the two writes leaves them recorded and the encodings still to do.
+        if failures:
+            store.write_part(self.out, "failures", name, failures, store.FAILURES)
+        if encoded:
+            store.write_part(self.out, "encodings", name, encoded, store.ENCODINGS)
+        return pa.table({
+            "done": [len(encoded)], "failed": [len(failures)],
+            "skipped": [sum(r["status"] == "skipped" for r in rows)],
+            "bytes_in": [sum(r["file_bytes"] or 0 for r in rows if r["status"] != "skipped")],
+            "bytes_out": [sum(r["model_bytes"] for r in encoded)],
+        })
+
+
+def write_listing(source, folder):
+    """Stream the source's URIs into Parquet files of LISTING_CHUNK rows; the count."""
+    fs, path = filesystem(folder)
+    fs.create_dir(path, recursive=True)
+    fs.delete_dir_contents(path)
+    count, chunk = 0, []
+
+    def flush():
+        pq.write_table(pa.table({"uri": chunk}), f"{path}/{count // LISTING_CHUNK:06d}.parquet", filesystem=fs)
+
+    for uri in source:
+        chunk.append(uri)
+        count += 1
+        if len(chunk) == LISTING_CHUNK:
+            flush()
+            chunk = []
+    if chunk:
+        flush()
+    return count
+
+
+def versions():
+    import mrnet_core
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        mrnet = version("mrnet")
+    except PackageNotFoundError:
+        mrnet = getattr(mrnet_core, "__version__", "unknown")
+    return {"mrnet": mrnet, "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "pyarrow": pa.__version__}
+
+
+def plan_resources(num_gpus, num_cpus, actors):
+    """(num_gpus, actors) per actor: a GPU each when the cluster has GPUs, else CPU actors that leave a CPU to read."""
+    res = ray.cluster_resources()
+    gpus, cpus = res.get("GPU", 0), res.get("CPU", 1)
+    if num_gpus is None:
+        num_gpus = 1 if gpus else 0
+    if num_gpus and not gpus:
+        raise ConfigError(f"num_gpus: {num_gpus} per actor, but the Ray cluster has no GPU")
+    if actors is None:
+        actors = int(gpus // num_gpus) if num_gpus else int(max(1, cpus - 1) // num_cpus)
+    return num_gpus, max(1, actors)
+
+
+def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=16, actors=None, num_gpus=None,
+        num_cpus=1, log=print):
+    """Encode every image `source` names into OUT (see pipeline/store.py). Ray must be initialised. The summary."""
+    start = time.perf_counter()
+    cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT})
+    num_gpus, actors = plan_resources(num_gpus, num_cpus, actors)
+    store.remove_temporaries(out)
+    listing = store.join(out, "_listing", cfg_id)
+    listed = write_listing(list_images(source), listing)
+    done, failed = store.done_keys(out, cfg_id)
+    log(f"encode: {listed} image(s) listed from {source}; {len(done)} encoded and {len(failed)} failed before under "
+        f"config {cfg_id}; {actors} actor(s), {num_gpus} GPU and {num_cpus} CPU each")
+    totals = dict.fromkeys(["done", "failed", "skipped", "bytes_in", "bytes_out"], 0)
+    if listed:
+        keys_ref = [ray.put((done, failed))]  # in a list so Ray passes the reference, not the arrays, to tasks
+        ds = ray.data.read_parquet(listing)
+        ds = ds.map_batches(read_images, batch_size=READ_BATCH, batch_format="pyarrow", num_cpus=1,
+                            fn_kwargs={"keys_ref": keys_ref, "size": size, "levels": cfg.levels,
+                                       "max_pixels": max_pixels})
+        ds = ds.map_batches(Encoder, batch_size=batch_size, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
+                            num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1,
+                            fn_constructor_kwargs={"cfg": cfg, "cfg_id": cfg_id, "out": out,
+                                                   "threads": max(1, int(num_cpus))})
+        last = 0.0
+        for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for k in totals:
+                totals[k] += pc_sum(report, k)
+            seen = totals["done"] + totals["failed"] + totals["skipped"]
+            if time.perf_counter() - last > 5 or seen == listed:
+                last = time.perf_counter()
+                log(f"encode: {seen}/{listed}: {totals['done']} done, {totals['failed']} failed, "
+                    f"{totals['skipped']} skipped, {totals['done'] / (last - start):.2f} images/s")
+    fs, path = filesystem(listing)
+    fs.delete_dir(path)
+    seconds = time.perf_counter() - start
+    summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
+               "images_per_second": round(totals["done"] / seconds, 3)}
+    write_manifest(out, cfg, cfg_id, size, max_pixels, summary)
+    log(f"encode: {totals['done']} done, {totals['failed']} failed, {totals['skipped']} skipped in {seconds:.1f} s "
+        f"({summary['images_per_second']:.2f} images/s); {totals['bytes_in']:,} bytes in, "
+        f"{totals['bytes_out']:,} bytes out -> {out}")
+    return summary
+
+
+def pc_sum(table, column):
+    return int(sum(table.column(column).to_pylist()))
+
+
+def write_manifest(out, cfg, cfg_id, size, max_pixels, summary):
+    manifest = store.read_json(out, "manifest.json")
+    manifest.setdefault("configs", {})[cfg_id] = {"fit": cfg.to_dict(), "size": size, "format": FORMAT}
+    counts = {}
+    for folder, name in (("encodings", "encoded"), ("failures", "failed")):
+        fs, path = filesystem(store.join(out, folder))
+        if fs.get_file_info(path).type.name == "Directory":
+            dataset = pads.dataset(path, filesystem=fs, format="parquet")
+            for c in manifest["configs"]:
+                counts.setdefault(c, {})[name] = dataset.count_rows(filter=pads.field("config_id") == c)
+    manifest.update(versions=versions(), counts=counts, last_run={**summary, "max_pixels": max_pixels,
+                                                                   "finished_at": now().isoformat()})
+    store.write_json(out, "manifest.json", manifest)
+
+
+JOB_KEYS = {"preset": str, "size": int, "max_pixels": int, "batch_size": int, "actors": int, "num_gpus": float,
+            "num_cpus": float}
+
+
+def read_config_file(path):
+    """(fit overrides, job settings) from a TOML/JSON file with optional [fit] and [job] tables."""
+    import tomllib
+    from pathlib import Path
+    path = Path(path)
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a table of keys")
+    job = data.pop("job", {})
+    fit = data.pop("fit") if "fit" in data else data  # a flat table holds fit keys only
+    if fit is not data and data:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(data)}; use [fit] and [job]")
+    for k, v in job.items():
+        if k not in JOB_KEYS:
+            raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")
+        if not isinstance(v, JOB_KEYS[k]) and not (JOB_KEYS[k] is float and isinstance(v, int)) or \
+                isinstance(v, bool):
+            raise ConfigError(f"job.{k}: must be {JOB_KEYS[k].__name__}, not {v!r}")
+    return fit, job
+
+
+def resolve(args):
+    """(FitConfig, job settings) from --config, --preset and the flags; ConfigError before any work starts."""
+    fit, job = read_config_file(args.config) if args.config else ({}, {})
+    for k in JOB_KEYS:
+        if getattr(args, k, None) is not None:
+            job[k] = getattr(args, k)
+    if getattr(args, "levels", None) is not None:
+        fit["levels"] = args.levels
+    cfg = make_config(job.pop("preset", "default"), fit, model=getattr(args, "model", None))
+    for k in ("size", "max_pixels", "batch_size", "actors", "num_cpus"):
+        if job.get(k) is not None and job[k] <= 0:
+            raise ConfigError(f"{k}: must be positive, not {job[k]}")
+    if job.get("num_gpus", 0) < 0:
+        raise ConfigError(f"num_gpus: must be 0 or more, not {job['num_gpus']}")
+    return cfg, job
+
+
+def cmd_encode(args):
+    cfg, job = resolve(args)
+    out = args.out if "://" in args.out else os.path.abspath(args.out)
+    if not ray.is_initialized():
+        ray.init(address=args.ray_address, log_to_driver=False)
+    summary = run(args.input, out, cfg, log=lambda line: print(line, file=sys.stderr, flush=True), **job)
+    print(json.dumps(summary))
+    return 0

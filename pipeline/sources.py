@@ -1,0 +1,97 @@
+"""Where images come from: a folder (recursive), a glob or a text file of URIs, on any filesystem pyarrow knows."""
+import fnmatch
+import glob
+import io
+import os
+
+import pyarrow.fs as pafs
+from PIL import Image
+
+# Folders list only files with an extension some Pillow plugin claims; a glob or a URI list takes what it names.
+Image.init()
+IMAGE_EXTENSIONS = frozenset(Image.registered_extensions())
+LIST_SUFFIXES = (".txt", ".lst", ".list")
+
+
+def _has_scheme(uri):
+    return "://" in uri
+
+
+def filesystem(uri, _cache={}):
+    """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/key or file:///x."""
+    if not _has_scheme(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    scheme = uri.split("://", 1)[0]
+    if scheme == "file":
+        return pafs.LocalFileSystem(), uri[len("file://"):]
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return _cache.setdefault((scheme, uri.split("/")[2]), fs), path
+
+
+def _join(uri, path):
+    """A listed path back in the form the user gave: pyarrow paths drop the scheme (s3://b/k -> b/k)."""
+    return uri.split("://", 1)[0] + "://" + path if _has_scheme(uri) else path
+
+
+def _walk(uri):
+    fs, root = filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):  # os.walk streams; a recursive selector lists everything first
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    yield _join(uri, os.path.join(folder, name))
+        return
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        base = info.base_name
+        if info.type == pafs.FileType.File and not base.startswith(".") and \
+                os.path.splitext(base)[1].lower() in IMAGE_EXTENSIONS:
+            yield _join(uri, info.path)
+
+
+def _glob(pattern):
+    if not _has_scheme(pattern):
+        yield from (p for p in sorted(glob.iglob(os.path.abspath(pattern), recursive=True)) if os.path.isfile(p))
+        return
+    # Remote: list everything under the part before the first wildcard, then match.
+    fs, path = filesystem(pattern)
+    base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+        if info.type == pafs.FileType.File and fnmatch.fnmatchcase(info.path, path):
+            yield _join(pattern, info.path)
+
+
+def _lines(uri):
+    fs, path = filesystem(uri)
+    seen = set()  # a URI listed twice is encoded once
+    with fs.open_input_stream(path) as f:
+        for line in io.TextIOWrapper(f, encoding="utf-8"):
+            line = line.strip()
+            if line and not line.startswith("#") and line not in seen:
+                seen.add(line)
+                yield line if _has_scheme(line) else os.path.abspath(line)  # workers may run elsewhere
+
+
+def list_images(source):
+    """Every image URI the source names, as a stream: a text file of URIs (.txt/.lst), a glob, a folder or a file."""
+    if any(c in source for c in "*?["):
+        return _glob(source)
+    fs, path = filesystem(source)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        return _walk(source)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    if os.path.splitext(path)[1].lower() in LIST_SUFFIXES:
+        return _lines(source)
+    return iter([source if _has_scheme(source) else path])
+
+
+def read_bytes(uri):
+    """The file's bytes. Raises OSError naming the file when it cannot be read."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except OSError as e:
+        raise OSError(f"{uri}: cannot read: {e}") from None

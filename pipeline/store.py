@@ -1,0 +1,137 @@
+"""The output folder: Parquet part files written atomically, what is already done, and the manifest.
+
+    OUT/encodings/part-<hash>.parquet   one row per encoded image and config (ENCODINGS)
+    OUT/failures/part-<hash>.parquet    one row per image that could not be encoded (FAILURES)
+    OUT/manifest.json                   configs, versions and counts
+    OUT/_listing/<config_id>/           the job's input listing (scratch; readers skip names starting with _ or .)
+
+A part file is named by a hash of its config and contents, written under a hidden temporary name and then
+renamed, so a reader never sees half a file, and a retried batch replaces its own file instead of adding one.
+"""
+import hashlib
+import json
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .sources import filesystem
+
+ENCODINGS = pa.schema([
+    ("image_id", pa.string()),  # SHA-256 of the file's bytes, hex
+    ("uri", pa.string()),
+    ("config_id", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("channels", pa.int32()),
+    ("model", pa.string()),
+    ("architecture", pa.string()),  # JSON, mrnet_core.network.Architecture.to_dict()
+    ("weights", pa.binary()),  # the .mrnet model file: mrnet_core.modelfile.from_bytes(weights)
+    ("params", pa.int64()),
+    ("model_bytes", pa.int64()),
+    ("raw_bytes", pa.int64()),
+    ("file_bytes", pa.int64()),
+    ("bpp", pa.float64()),
+    ("psnr", pa.list_(pa.float64())),  # per level, coarse to fine
+    ("ssim", pa.list_(pa.float64())),
+    ("fit_seconds", pa.float64()),
+    ("batch", pa.int32()),  # images fitted together (fit_seconds is the batch's time shared evenly)
+    ("epochs", pa.list_(pa.int32())),  # per stage, coarse to fine
+    ("notes", pa.list_(pa.string())),  # conversions made on decoding
+    ("device", pa.string()),
+    ("encoded_at", pa.timestamp("ms", tz="UTC")),
+])
+
+FAILURES = pa.schema([
+    ("uri", pa.string()),
+    ("config_id", pa.string()),
+    ("stage", pa.string()),  # read, decode or fit
+    ("error_kind", pa.string()),
+    ("message", pa.string()),
+    ("failed_at", pa.timestamp("ms", tz="UTC")),
+])
+
+
+def config_id(config: dict):
+    """A short stable id of everything that changes an encoding."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def key(*parts):
+    """16-byte digest used to look up done work (sorted numpy 'S16' arrays stay small at millions of rows)."""
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=16).digest()
+
+
+def contains(sorted_keys, k):
+    # Two searches rather than an equality test: numpy's bytes scalars drop trailing NULs, its searches do not.
+    return np.searchsorted(sorted_keys, k, "left") != np.searchsorted(sorted_keys, k, "right")
+
+
+def part_name(cfg_id, uris):
+    return "part-" + hashlib.sha256("\n".join([cfg_id, *sorted(uris)]).encode()).hexdigest()[:32] + ".parquet"
+
+
+def join(out, *names):
+    return "/".join([out.rstrip("/"), *names])
+
+
+def write_part(out, folder, name, rows, schema):
+    """Write rows (a list of dicts) as OUT/folder/name: to a hidden temporary file first, then rename."""
+    fs, path = filesystem(join(out, folder))
+    fs.create_dir(path, recursive=True)
+    tmp = f"{path}/.tmp-{uuid.uuid4().hex}-{name}"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, filesystem=fs)
+    fs.move(tmp, f"{path}/{name}")
+
+
+def remove_temporaries(out):
+    """Delete temporary files a killed run left behind (never visible to readers, but they take space)."""
+    for folder in ("encodings", "failures"):
+        fs, path = filesystem(join(out, folder))
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            continue
+        for info in fs.get_file_info(pafs.FileSelector(path)):
+            if info.base_name.startswith(".tmp-"):
+                fs.delete_file(info.path)
+
+
+def read_table(out, folder, columns=None, filter=None):
+    """Every committed row of OUT/folder (empty when there is none)."""
+    fs, path = filesystem(join(out, folder))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return (ENCODINGS if folder == "encodings" else FAILURES).empty_table().select(columns or slice(None))
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
+
+
+def done_keys(out, cfg_id):
+    """Sorted keys of work already recorded under cfg_id: (uri, image_id) encoded, and uris failed."""
+    def scan(folder, columns):
+        fs, path = filesystem(join(out, folder))
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return np.array([], dtype="S16")
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        keys = []
+        for batch in dataset.to_batches(columns=columns, filter=pads.field("config_id") == cfg_id):
+            keys.extend(key(*parts) for parts in zip(*(batch.column(c).to_pylist() for c in columns)))
+        return np.sort(np.array(keys, dtype="S16"))
+    return scan("encodings", ["uri", "image_id"]), scan("failures", ["uri"])
+
+
+def write_json(out, name, obj):
+    fs, path = filesystem(join(out, name))
+    tmp = join(path.rsplit("/", 1)[0], f".tmp-{uuid.uuid4().hex}-{name}")
+    with fs.open_output_stream(tmp) as f:
+        f.write(json.dumps(obj, indent=2).encode())
+    fs.move(tmp, path)
+
+
+def read_json(out, name):
+    fs, path = filesystem(join(out, name))
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
