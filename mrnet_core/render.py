@@ -27,13 +27,15 @@ def antialiased_level(level_sizes, width, height, window=FULL_DOMAIN):
 
 
 @torch.no_grad()
-def render(model, width, height, t=None, window=FULL_DOMAIN, chunk=1 << 18, index=None):
+def render(model, width, height, t=None, window=FULL_DOMAIN, chunk=1 << 16, index=None):
     """Evaluate f(x, t) on a height x width grid of pixel centres over `window` = (x0, y0, x1, y1).
 
-    Returns [B, C, H, W] (or [C, H, W] for image `index`), unclamped. t=None shows every stage.
+    Returns [B, C, H, W] (or [C, H, W] for image `index`), unclamped. t=None shows every stage. Pixels are
+    evaluated `chunk` (pixels x images) at a time, so memory stays bounded at any output size.
     """
     device = next(model.parameters()).device
     coords = pixel_grid(height, width, window, device=device)
+    chunk = max(1, chunk // model.batch)
     parts = [model(coords[i : i + chunk], t) for i in range(0, coords.shape[0], chunk)]
     out = torch.cat(parts, dim=1).reshape(model.batch, height, width, -1).permute(0, 3, 1, 2)
     return out if index is None else out[index]

@@ -8,9 +8,12 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
 from mrnet_core import modelfile
 from mrnet_core.config import ConfigError, load_file, make_config
 from mrnet_core.encode import encode
+from mrnet_core.fit import max_batch
 from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
@@ -51,6 +54,13 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
+def _free_memory(device):
+    """Bytes a fit may use: most of the GPU's free memory, or half of the machine's available memory."""
+    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        return int(torch.cuda.mem_get_info(torch.device(device or "cuda"))[0] * 0.8)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
 def cmd_fit(args):
     overrides = load_file(args.config) if args.config else {}
     for key in ("levels", "seed"):
@@ -76,10 +86,12 @@ def cmd_fit(args):
             print(f"note: {path}: {note}", file=sys.stderr)
         groups[tuple(image.shape)].append((path, stem, image, notes))
 
-    import torch
-
-    results = []
+    results, batches = [], []
     for (c, h, w), items in groups.items():
+        limit = max_batch(cfg, c, h, w, _free_memory(args.device))
+        batches += [items[i : i + limit] for i in range(0, len(items), limit)]
+    for items in batches:
+        c, h, w = items[0][2].shape
         batch = torch.stack([image for _, _, image, _ in items])
         progress = Progress(f"{len(items)} image(s) {w}x{h}x{c}", cfg.levels)
         try:
