@@ -31,34 +31,47 @@ def level_targets(images, cfg: FitConfig):
     return levels[::-1]
 
 
-def loss_and_grads(stage, x, basis, target, weight):
+def _buffer(work, name, shape, like):
+    """A reusable tensor from `work`: large per-step tensors are allocated once per stage rather than at every
+    step, since each fresh large allocation costs page faults on a CPU."""
+    t = work.get(name)
+    if t is None or t.shape != shape:
+        t = work[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return t
+
+
+def loss_and_grads(stage, x, basis, target, weight, work=None):
     """Per-image mean squared error of `stage` against target [B, N, C], with gradients set on the stage's weights.
 
     The stage is small and fixed in shape, so its backward pass is written out by hand rather than left to
     autograd: that keeps cos(z) from the forward pass, scales by omega on the small weight matrices instead of the
-    large activations, never forms gradients for the coordinates or the frozen basis, and skips autograd's
-    bookkeeping. `weight` [B] scales each image's loss (0 for images that stopped). Layer j computes
-    z = omega_j (h W_j + b_j), h' = sin(z); see `network.Stage.forward`, which this must match.
+    large activations, never forms gradients for the coordinates or the frozen basis, reuses its buffers across
+    steps (`work`, a dict), and skips autograd's bookkeeping. `weight` [B] scales each image's loss (0 for images
+    that stopped). Layer j computes z = omega_j (h W_j + b_j), h' = sin(z); see `network.Stage.forward`.
     """
+    work = {} if work is None else work
     weights, biases, omegas = stage.weights, stage.biases, stage.omegas
+    b, n = target.shape[:2]
     inputs, cosines, h = [], [], x
     for j, omega in enumerate(omegas):
         inputs.append(h)
-        w, b = weights[j], biases[j].unsqueeze(1)
+        w, bias = weights[j], biases[j].unsqueeze(1)
+        z = _buffer(work, f"z{j}", (b, n, w.shape[-1]), target)
         if j == 1 and basis is not None:
-            z = torch.baddbmm(b, h, w[:, : h.shape[-1]], beta=omega, alpha=omega)
+            torch.baddbmm(bias, h, w[:, : h.shape[-1]], beta=omega, alpha=omega, out=z)
             z.baddbmm_(basis, w[:, h.shape[-1] :], alpha=omega)
         else:
-            z = torch.baddbmm(b, h, w, beta=omega, alpha=omega)
-        cosines.append(torch.cos(z))
+            torch.baddbmm(bias, h, w, beta=omega, alpha=omega, out=z)
+        cosines.append(torch.cos(z, out=_buffer(work, f"cos{j}", z.shape, z)))
         h = z.sin_()
-    residual = torch.baddbmm(biases[-1].unsqueeze(1), h, weights[-1]).sub_(target)
+    residual = torch.baddbmm(biases[-1].unsqueeze(1), h, weights[-1], out=_buffer(work, "out", target.shape, target))
+    residual.sub_(target)
     count = residual.shape[1] * residual.shape[2]
     per_image = residual.square().sum(dim=(1, 2)) / count
     g = residual.mul_(weight.view(-1, 1, 1) * (2 / count))  # d loss / d output
     weights[-1].grad = torch.bmm(h.transpose(1, 2), g)
     biases[-1].grad = g.sum(1)
-    g = torch.bmm(g, weights[-1].transpose(1, 2))
+    g = torch.bmm(g, weights[-1].transpose(1, 2), out=_buffer(work, f"grad{len(omegas) - 1}", h.shape, h))
     for j in reversed(range(len(omegas))):
         omega, w, inp = omegas[j], weights[j], inputs[j]
         g = g.mul_(cosines[j])  # d loss / d z, up to the factor omega applied below on small matrices
@@ -68,8 +81,9 @@ def loss_and_grads(stage, x, basis, target, weight):
         weights[j].grad = grad.mul_(omega)
         biases[j].grad = g.sum(1).mul_(omega)
         if j > 0:
-            g = torch.bmm(g, (w[:, : inp.shape[-1]] * omega).transpose(1, 2))
-    return per_image.detach()
+            w_own = (w[:, : inp.shape[-1]] * omega).transpose(1, 2)
+            g = torch.bmm(g, w_own, out=_buffer(work, f"grad{j - 1}", inp.shape, inp))
+    return per_image
 
 
 class _Adam:
@@ -99,6 +113,7 @@ def _learning_rate(start, final, epoch, max_epochs):
     return final + (start - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+@torch.no_grad()  # gradients come from `loss_and_grads`, not autograd
 def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
     """Train stage i of `model` on target [B, C, h, w] (the level's Gaussian image or Laplacian band)."""
     b, c, h, w = target.shape
@@ -106,12 +121,11 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
     coords = pixel_grid(h, w, device=device)
     residual = target.permute(0, 2, 3, 1).reshape(b, h * w, c)
     basis = None
-    with torch.no_grad():
-        if i > 0:
-            outputs, features = model.stage_outputs(coords, i)
-            if cfg.target == "gaussian":
-                residual = residual - sum(outputs)
-            basis = features if model.arch.model == "m" else None
+    if i > 0:  # what the frozen stages contribute here never changes while stage i trains
+        outputs, features = model.stage_outputs(coords, i)
+        if cfg.target == "gaussian":
+            residual = residual - sum(outputs)
+        basis = features if model.arch.model == "m" else None
     stage = model.stages[i]
     optimizer = _Adam(stage.parameters())
     max_epochs, lr_start = cfg.per_stage("max_epochs")[i], cfg.per_stage("lr")[i]
@@ -122,7 +136,7 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
     best = torch.full((b,), math.inf)
     best_epoch = torch.zeros(b, dtype=torch.long)
     last_loss = torch.zeros(b)
-    x = coords.expand(b, -1, -1)
+    x, bs, work = coords.expand(b, -1, -1), None, {}
     start = time.perf_counter()
     for epoch in range(int(max_epochs)):
         lr = _learning_rate(lr_start, cfg.lr_final, epoch, max_epochs)
@@ -133,9 +147,11 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
                 xs, ys, bs = x, residual, basis
             else:
                 idx = order[first : first + step_pixels]
-                xs, ys = x[:, idx], residual[:, idx]
-                bs = basis[:, idx] if basis is not None else None
-            per_image = loss_and_grads(stage, xs, bs, ys, active.to(ys.dtype))
+                xs = torch.index_select(coords, 0, idx).expand(b, -1, -1)
+                ys = torch.index_select(residual, 1, idx, out=_buffer(work, "ys", (b, len(idx), c), residual))
+                if basis is not None:
+                    bs = torch.index_select(basis, 1, idx, out=_buffer(work, "bs", (b, len(idx), basis.shape[-1]), basis))
+            per_image = loss_and_grads(stage, xs, bs, ys, active.to(ys.dtype), work)
             optimizer.step(lr, active)
             epoch_loss += per_image * (ys.shape[1] / n)
         epoch_loss = epoch_loss.cpu()
@@ -162,7 +178,7 @@ def fit(images, cfg: FitConfig, device=None, progress=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     images = images.to(device=device, dtype=torch.float32)
     model = MRNet(cfg.architecture(images.shape[1]), batch=images.shape[0], seed=cfg.seed).to(device)
-    model.requires_grad_(False)  # gradients come from `loss_and_grads`, not autograd
+    model.requires_grad_(False)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     targets = level_targets(images, cfg)
     reports = [fit_stage(model, i, target, cfg, generator, progress) for i, target in enumerate(targets)]

@@ -104,7 +104,7 @@ def test_levels_override_keeps_the_finest_stages():
 @pytest.mark.parametrize("model", ["s", "l", "m"])
 def test_hand_written_gradients_match_autograd(model):
     cfg = make_config("fast", {"model": model, "hidden_layers": 2} if model != "s" else {"model": model})
-    net = MRNet(cfg.architecture(3), batch=2, seed=1)
+    net = MRNet(cfg.architecture(3), batch=2, seed=1).requires_grad_(False)
     stage = net.stages[1]
     x = torch.rand(2, 50, 2) * 2 - 1
     basis = torch.rand(2, 50, cfg.architecture(3).stages[0].hidden[-1]) if model == "m" else None
@@ -112,6 +112,7 @@ def test_hand_written_gradients_match_autograd(model):
     weight = torch.tensor([1.0, 0.5])
     per_image = loss_and_grads(stage, x, basis, target, weight)
     manual = [p.grad.clone() for p in stage.parameters()]
+    stage.requires_grad_(True)
     for p in stage.parameters():
         p.grad = None
     pred, _ = stage(x, basis)
