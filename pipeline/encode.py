@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -64,7 +65,7 @@ def read_image(uri, done, failed, size, levels, max_pixels):
         return {**row, "status": "skipped"}
     try:
         image, notes = decode(data, uri, max_pixels)
-        if size:
+        if size and max(image.shape[1:]) > size:  # shrink only: enlarging would only invent pixels to fit
             image = resize_long_side(image, size)
         c, h, w = image.shape
         try:
@@ -90,7 +91,8 @@ class Encoder:
         torch.set_num_threads(threads)
         self.cfg, self.cfg_id, self.out = cfg, cfg_id, out
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device_name = torch.cuda.get_device_name() if self.device == "cuda" else f"cpu ({platform.node()})"
+        name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
+        self.device_name = f"{name} (node {ray.get_runtime_context().get_node_id()[:12]})"
 
     def fit(self, items):
         """Rows for same-sized images fitted as one batch; if the batch fails, each image on its own."""
@@ -210,13 +212,13 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                                        "max_pixels": max_pixels})
         ds = ds.map_batches(Encoder, batch_size=batch_size, batch_format="pyarrow",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-                            num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=-1, max_task_retries=-1,
+                            num_gpus=num_gpus, num_cpus=num_cpus,  # Ray Data restarts dead actors, retries calls
                             fn_constructor_kwargs={"cfg": cfg, "cfg_id": cfg_id, "out": out,
                                                    "threads": max(1, int(num_cpus))})
         last = 0.0
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:
-                totals[k] += pc_sum(report, k)
+                totals[k] += column_sum(report, k)
             seen = totals["done"] + totals["failed"] + totals["skipped"]
             if time.perf_counter() - last > 5 or seen == listed:
                 last = time.perf_counter()
@@ -224,6 +226,8 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                     f"{totals['skipped']} skipped, {totals['done'] / (last - start):.2f} images/s")
     fs, path = filesystem(listing)
     fs.delete_dir(path)
+    if not fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0])):
+        fs.delete_dir(path.rsplit("/", 1)[0])
     seconds = time.perf_counter() - start
     summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
                "images_per_second": round(totals["done"] / seconds, 3)}
@@ -234,7 +238,7 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     return summary
 
 
-def pc_sum(table, column):
+def column_sum(table, column):
     return int(sum(table.column(column).to_pylist()))
 
 
@@ -244,7 +248,7 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary):
     counts = {}
     for folder, name in (("encodings", "encoded"), ("failures", "failed")):
         fs, path = filesystem(store.join(out, folder))
-        if fs.get_file_info(path).type.name == "Directory":
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
             dataset = pads.dataset(path, filesystem=fs, format="parquet")
             for c in manifest["configs"]:
                 counts.setdefault(c, {})[name] = dataset.count_rows(filter=pads.field("config_id") == c)

@@ -102,7 +102,8 @@ def read_table(out, folder, columns=None, filter=None):
     """Every committed row of OUT/folder (empty when there is none)."""
     fs, path = filesystem(join(out, folder))
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return (ENCODINGS if folder == "encodings" else FAILURES).empty_table().select(columns or slice(None))
+        empty = (ENCODINGS if folder == "encodings" else FAILURES).empty_table()
+        return empty.select(columns) if columns else empty
     return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
 
 

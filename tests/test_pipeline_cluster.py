@@ -1,0 +1,65 @@
+"""`mrnet encode` on a two-node Ray cluster, and a driver SIGKILLed mid-job then rerun."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import ray
+from ray.cluster_utils import Cluster
+
+from mrnet_core.config import make_config
+from pipeline import store
+from pipeline.encode import run
+from test_pipeline import parts, rows, synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_two_node_cluster_fits_on_the_worker_node(samples, tmp_path):
+    # The head has no CPU, as on a real cluster where it runs the driver only: all the work lands on the worker.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        summary = run(str(samples), str(tmp_path / "out"), make_config("fast", {"levels": 2}), size=32)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    got = rows(tmp_path / "out")
+    assert summary["done"] == len(got) == 5
+    assert {r["device"] for r in got} == {f"cpu (node {worker.node_id[:12]})"}
+
+
+def test_driver_killed_mid_job_then_rerun_loses_and_duplicates_nothing(tmp_path):
+    images = synthetic(tmp_path / "images", 16)
+    out = tmp_path / "out"
+    config = tmp_path / "slow.toml"
+    config.write_text('[job]\npreset = "fast"\nbatch_size = 1\n[fit]\nlevels = 2\nmax_epochs = [300, 300]\n')
+    command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config", str(config)]
+
+    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not parts(out) and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    # Ray's own processes share the driver's fate; wait for them so none of its actors can still commit a part.
+    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+    for p in alive:  # started by this test, by id
+        p.kill()
+    committed = len(rows(out))
+    assert 0 < committed < 16, "the driver was not killed mid-job"
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (16 - committed, committed, 0)
+    got = rows(out)
+    assert len(got) == 16 and len({(r["uri"], r["image_id"]) for r in got}) == 16
+    assert not [n for n in os.listdir(out / "encodings") if n.startswith(".tmp-")]
+    assert store.read_table(str(out), "failures").num_rows == 0
