@@ -12,7 +12,7 @@ PY := .venv/bin/python
 setup: .venv/.stamp
 
 demo: .venv/.stamp
-	.venv/bin/mrnet fit samples/*.png samples/*.jpg --out out/demo --size 256
+	.venv/bin/mrnet encode samples --out out/demo --size 256
 
 test: .venv/.stamp
 	$(PY) -m pytest tests
