@@ -1,12 +1,13 @@
 """Pipeline images/s against a plain `mrnet_core.encode.encode` loop over the same images, config and batches.
 
-    python bench/pipeline_throughput.py [--n 64] [--size 64] [--batch 16] [--threads 1]
+    python bench/pipeline_throughput.py [--n 64] [--size 64] [--batch 16] [--threads CPUS]
 
 Both sides decode the same PNG files and fit batches of `--batch` same-sized images with `--threads` torch
-threads (one Ray actor with that many CPUs). Ray's start-up (ray.init) is excluded; the pipeline's own costs
+threads (a local Ray of that many CPUs, one fitting actor). Ray's start-up (ray.init) is excluded; the pipeline's own costs
 (listing, actor start-up, moving pixels, Parquet writes, the done-set lookups) are included.
 """
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -41,7 +42,7 @@ def main():
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--preset", default="fast")
     ap.add_argument("--levels", type=int, default=3)
     a = ap.parse_args()
@@ -58,8 +59,9 @@ def main():
             encode(images, cfg, device="cpu")
         core = a.n / (time.perf_counter() - start)
 
-        ray.init(num_cpus=a.threads + 1, include_dashboard=False, log_to_driver=False)
-        summary = run(str(folder), str(Path(tmp) / "out"), cfg, batch_size=a.batch, actors=1, num_cpus=a.threads,
+        ray.init(num_cpus=a.threads, include_dashboard=False, log_to_driver=False)
+        # One actor reserving one CPU (the other is for reading); its torch takes all `threads` CPUs.
+        summary = run(str(folder), str(Path(tmp) / "out"), cfg, batch_size=a.batch, actors=1, num_cpus=1,
                       log=lambda line: None)
         ray.shutdown()
         assert summary["done"] == a.n, summary

@@ -179,7 +179,11 @@ def versions():
 
 
 def plan_resources(num_gpus, num_cpus, actors):
-    """(num_gpus, actors) per actor: a GPU each when the cluster has GPUs, else CPU actors that leave a CPU to read."""
+    """(num_gpus per actor, actors, torch threads per actor).
+
+    A GPU each when the cluster has GPUs. Otherwise CPU actors that leave a CPU to read; since decoding is light
+    next to fitting, each CPU actor's torch uses its share of all the cluster's CPUs, not just the one it reserves.
+    """
     res = ray.cluster_resources()
     gpus, cpus = res.get("GPU", 0), res.get("CPU", 1)
     if num_gpus is None:
@@ -188,7 +192,9 @@ def plan_resources(num_gpus, num_cpus, actors):
         raise ConfigError(f"num_gpus: {num_gpus} per actor, but the Ray cluster has no GPU")
     if actors is None:
         actors = int(gpus // num_gpus) if num_gpus else int(max(1, cpus - 1) // num_cpus)
-    return num_gpus, max(1, actors)
+    actors = max(1, actors)
+    threads = max(1, int(num_cpus)) if num_gpus else max(1, int(num_cpus), int(cpus // actors))
+    return num_gpus, actors, threads
 
 
 def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=16, actors=None, num_gpus=None,
@@ -196,13 +202,13 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     """Encode every image `source` names into OUT (see pipeline/store.py). Ray must be initialised. The summary."""
     start = time.perf_counter()
     cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT})
-    num_gpus, actors = plan_resources(num_gpus, num_cpus, actors)
+    num_gpus, actors, threads = plan_resources(num_gpus, num_cpus, actors)
     store.remove_temporaries(out)
     listing = store.join(out, "_listing", cfg_id)
     listed = write_listing(list_images(source), listing)
     done, failed = store.done_keys(out, cfg_id)
     log(f"encode: {listed} image(s) listed from {source}; {len(done)} encoded and {len(failed)} failed before under "
-        f"config {cfg_id}; {actors} actor(s), {num_gpus} GPU and {num_cpus} CPU each")
+        f"config {cfg_id}; {actors} actor(s), {num_gpus} GPU, {num_cpus} CPU and {threads} torch thread(s) each")
     totals = dict.fromkeys(["done", "failed", "skipped", "bytes_in", "bytes_out"], 0)
     if listed:
         keys_ref = [ray.put((done, failed))]  # in a list so Ray passes the reference, not the arrays, to tasks
@@ -214,7 +220,7 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                             num_gpus=num_gpus, num_cpus=num_cpus,  # Ray Data restarts dead actors, retries calls
                             fn_constructor_kwargs={"cfg": cfg, "cfg_id": cfg_id, "out": out,
-                                                   "threads": max(1, int(num_cpus))})
+                                                   "threads": threads})
         last = 0.0
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:
