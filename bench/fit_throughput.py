@@ -107,7 +107,7 @@ def main():
     parser.add_argument("--case", help=argparse.SUPPRESS)  # size,batch: run one case in this process
     args = parser.parse_args()
     device = torch.device(args.device)
-    overrides = load_file(args.config) if args.config else {}
+    overrides = load_file(args.config)[0] if args.config else {}
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = bool(overrides.pop("tf32", False))
 

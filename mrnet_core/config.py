@@ -109,14 +109,25 @@ def _coerce(key, value, kind):
 
 
 def load_file(path):
-    """A config file: TOML or JSON, a flat table of FitConfig keys (a [fit] table is accepted too)."""
+    """(fit keys, other tables) from a TOML or JSON config file.
+
+    Fit keys sit at the top level or in a [fit] table; other tables (such as the pipeline's [job]) come back as
+    they are, for their own readers to check.
+    """
     path = Path(path)
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
-    return data.get("fit", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a table of keys")
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    flat = {k: v for k, v in data.items() if k not in tables}
+    fit = tables.pop("fit", None)
+    if fit is not None and flat:
+        raise ConfigError(f"{path}: {', '.join(flat)}: put fit keys in the [fit] table or at the top, not both")
+    return (flat if fit is None else fit), tables
 
 
 def make_config(preset="default", overrides=None, model=None):

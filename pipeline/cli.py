@@ -62,7 +62,7 @@ def _free_memory(device):
 
 
 def cmd_fit(args):
-    overrides = load_file(args.config) if args.config else {}
+    overrides = load_file(args.config)[0] if args.config else {}
     for key in ("levels", "seed"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mrnet_core.config import ConfigError, make_config
+from mrnet_core.config import ConfigError, load_file, make_config
 from mrnet_core.encode import encode
 from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_long_side
 from mrnet_core.pyramid import level_sizes
@@ -268,21 +268,11 @@ JOB_KEYS = {"preset": str, "size": int, "max_pixels": int, "batch_size": int, "a
 
 
 def read_config_file(path):
-    """(fit overrides, job settings) from a TOML/JSON file with optional [fit] and [job] tables."""
-    import tomllib
-    from pathlib import Path
-    path = Path(path)
-    try:
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must be a table of keys")
-    job = data.pop("job", {})
-    fit = data.pop("fit") if "fit" in data else data  # a flat table holds fit keys only
-    if fit is not data and data:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(data)}; use [fit] and [job]")
+    """(fit overrides, job settings) from a TOML/JSON file with fit keys and an optional [job] table."""
+    fit, tables = load_file(path)
+    job = tables.pop("job", {})
+    if tables:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(tables)}; use [fit] and [job]")
     for k, v in job.items():
         if k not in JOB_KEYS:
             raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import sample
-from mrnet_core.config import ConfigError, make_config
+from mrnet_core.config import ConfigError, load_file, make_config
 from mrnet_core.encode import level_metrics
 from mrnet_core.fit import fit, fit_memory_bytes, fit_stage, level_targets, loss_and_grads, max_batch
 from mrnet_core.network import MRNet
@@ -130,3 +130,19 @@ def test_memory_model_scales_with_batch_and_bounds_the_batch():
     assert fit_memory_bytes(cfg, 3, 256, 256) > 1.5 * one  # four times the pixels, the same step size
     assert max_batch(cfg, 3, 128, 128, 10 * one) == 10
     assert max_batch(cfg, 3, 128, 128, one // 2) == 1
+
+
+def test_config_files_hold_fit_keys_flat_or_in_a_fit_table(tmp_path):
+    flat, tables = tmp_path / "flat.toml", tmp_path / "tables.toml"
+    flat.write_text("lr = 1e-3\nlevels = 2\n")
+    tables.write_text("[fit]\nlevels = 2\n[job]\nsize = 64\n")
+    assert load_file(flat) == ({"lr": 1e-3, "levels": 2}, {})
+    assert load_file(tables) == ({"levels": 2}, {"job": {"size": 64}})
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text('{"lr": 0.001, "fit": {"levels": 2}}')
+    with pytest.raises(ConfigError, match="lr: put fit keys"):
+        load_file(mixed)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("levels = [")
+    with pytest.raises(ConfigError, match="broken.toml: cannot read config"):
+        load_file(broken)
