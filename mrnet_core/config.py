@@ -24,6 +24,7 @@ class FitConfig:
     omega_hidden: float = 30.0
     target: str = "gaussian"  # "gaussian" (all models) or "laplacian" (L-Net, S-Net)
     border: str = "reflect"  # "reflect" for photos, "wrap" for tileable textures
+    periodic: bool = False  # fixed integer first-layer frequencies: the network tiles exactly (textures)
     # Per stage: Adam's learning rate, cosine-decayed to lr_final over max_epochs. Coarse stages see few pixels,
     # so they afford many epochs and a larger rate; the finest stage costs most and gets the fewest epochs.
     lr: tuple = (3e-3, 2e-3, 1e-3)
@@ -73,7 +74,7 @@ class FitConfig:
             StageSpec(int(f), (int(h),) * layers, float(w))
             for f, h, w in zip(self.per_stage("first"), hidden, self.per_stage("omega_0"))
         )
-        return Architecture(self.model, channels, stages, float(self.omega_hidden))
+        return Architecture(self.model, channels, stages, float(self.omega_hidden), periodic=self.periodic)
 
     def to_dict(self):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -87,6 +88,8 @@ _MODEL_DEFAULTS = {
 }
 
 PRESETS = {
+    # Tileable textures: periodic first layers and wrap borders, so every level tiles without a seam.
+    "texture": {"periodic": True, "border": "wrap"},
     # Full quality on photos (about 160K parameters for RGB at 3 levels).
     "default": {},
     # Seconds, for smoke tests: small widths and few epochs.
@@ -103,7 +106,7 @@ def _coerce(key, value, kind):
         return int(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{key}: must be {kind.__name__}, not {value!r}")
     return value
 

@@ -5,7 +5,7 @@ import torch
 
 from .config import FitConfig
 from .fit import fit
-from .metrics import psnr, ssim
+from .metrics import psnr, seam, ssim
 from .modelfile import to_bytes
 from .pyramid import gaussian_pyramid
 from .render import render
@@ -13,17 +13,17 @@ from .render import render
 
 @torch.no_grad()
 def level_metrics(model, images, cfg: FitConfig):
-    """Per image, coarse to fine: {width, height, psnr, ssim} of level k (t = k + 1) against Gaussian level k.
-
-    The finest level is compared with the original pixels themselves.
+    """Per image, coarse to fine: {width, height, psnr, ssim, seam} of level k (t = k + 1) against Gaussian
+    level k (the finest level against the original pixels themselves); seam is `metrics.seam` of the render.
     """
     gaussians = gaussian_pyramid(images.to(next(model.parameters()).device), cfg.levels, border=cfg.border)[::-1]
     rows = [[] for _ in range(images.shape[0])]
     for k, target in enumerate(gaussians):
         h, w = target.shape[-2:]
         out = render(model, w, h, t=k + 1).clamp(0, 1)
-        for row, p, s in zip(rows, psnr(out, target).tolist(), ssim(out, target).tolist()):
-            row.append({"width": w, "height": h, "psnr": round(p, 3), "ssim": round(s, 4)})
+        figures = zip(psnr(out, target).tolist(), ssim(out, target).tolist(), seam(out).tolist())
+        for row, (p, s, m) in zip(rows, figures):
+            row.append({"width": w, "height": h, "psnr": round(p, 3), "ssim": round(s, 4), "seam": round(m, 3)})
     return rows
 
 

@@ -127,7 +127,8 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
             residual = residual - sum(outputs)
         basis = features if model.arch.model == "m" else None
     stage = model.stages[i]
-    optimizer = _Adam(stage.parameters())
+    fixed = [stage.weights[0]] if model.arch.periodic else []  # periodic frequencies stay on the integer grid
+    optimizer = _Adam(p for p in stage.parameters() if not any(p is f for f in fixed))
     max_epochs, lr_start = cfg.per_stage("max_epochs")[i], cfg.per_stage("lr")[i]
     n = h * w
     step_pixels = cfg.batch_pixels if 0 < cfg.batch_pixels < n else n

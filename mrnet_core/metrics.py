@@ -36,3 +36,17 @@ def ssim(a, b, window=11, sigma=1.5):
     c1, c2 = 0.01**2, 0.03**2
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)
+
+
+def seam(images):
+    """How visible the tile boundary is when [B, C, H, W] images are tiled: per image, the larger over the two
+    directions of (mean jump across the boundary, last row or column to first) / (mean jump between neighbouring
+    pixels inside). About 1 is seamless; a seam shows as a jump several times the typical one.
+    """
+    a = images.float()
+    ratios = []
+    for dim in (2, 3):
+        inside = a.diff(dim=dim).abs().flatten(1).mean(1)
+        across = (a.select(dim, 0) - a.select(dim, -1)).abs().flatten(1).mean(1)
+        ratios.append(across / inside.clamp_min(1e-8))
+    return torch.maximum(*ratios)

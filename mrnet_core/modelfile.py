@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .network import Architecture, MRNet
+from .network import Architecture, MRNet, snap_periodic
 
 MAGIC = b"\x89MRNET\r\n"
 VERSION = 1
@@ -86,7 +86,7 @@ def from_bytes(data: bytes, name="<bytes>"):
             t[0].copy_(torch.from_numpy(values[offset : offset + n].reshape(t.shape[1:])))
             offset += n
     model.requires_grad_(False)
-    return model, meta
+    return (snap_periodic(model) if arch.periodic else model), meta
 
 
 def save(path, model, meta, dtype="float32", index=0):

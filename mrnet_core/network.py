@@ -28,6 +28,8 @@ class Architecture:
     stages: tuple
     omega_hidden: float = 30.0
     in_features: int = 2
+    # Periodic first layers: integer frequencies over the domain's period 2, fixed, so f tiles exactly.
+    periodic: bool = False
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -64,16 +66,50 @@ class Architecture:
     def from_dict(cls, d):
         d = dict(d)
         d["stages"] = tuple(StageSpec(s["first"], tuple(s["hidden"]), float(s["omega_0"])) for s in d["stages"])
+        d["periodic"] = bool(d.get("periodic", False))
         return cls(**d)
 
     def to_json(self):
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+def periodic_frequencies(arch: Architecture, generator):
+    """Integer frequency vectors k (first-layer rows), per stage, none repeated across stages.
+
+    Stage i draws from the frequencies within its band limit (max |k| <= omega_0 / pi, widened only when the band
+    holds too few), skipping those earlier stages took. k and -k give the same sinusoids up to phase, so only one
+    of each pair is a candidate, and k = 0 (a constant) is left to the biases.
+    """
+    taken, out = set(), []
+    for s in arch.stages:
+        limit = max(1, round(s.omega_0 / math.pi))
+        while True:
+            r = torch.arange(-limit, limit + 1)
+            grid = torch.stack(torch.meshgrid(r, r, indexing="ij"), -1).reshape(-1, 2).tolist()
+            free = [tuple(k) for k in grid if (k[0] > 0 or (k[0] == 0 and k[1] > 0)) and tuple(k) not in taken]
+            if len(free) >= s.first:
+                break
+            limit += 1
+        pick = torch.randperm(len(free), generator=generator)[: s.first].tolist()
+        chosen = [free[p] for p in pick]
+        taken.update(chosen)
+        out.append(torch.tensor(chosen[: s.first]).reshape(s.first, arch.in_features))
+    return out
+
+
+def snap_periodic(model):
+    """Round a periodic model's first-layer weights back onto integer frequencies (after float16 storage)."""
+    with torch.no_grad():
+        for stage in model.stages:
+            w, omega = stage.weights[0], stage.omegas[0]
+            w.copy_(torch.round(w * omega / math.pi) * math.pi / omega)
+    return model
+
+
 class Stage(nn.Module):
     """One sinusoidal MLP, B copies. Weights are [B, fan_in, fan_out] so that x @ W is a batched product."""
 
-    def __init__(self, shapes, omega_0, omega_hidden, batch, generator):
+    def __init__(self, shapes, omega_0, omega_hidden, batch, generator, frequencies=None):
         super().__init__()
         self.omegas = [omega_0] + [omega_hidden] * (len(shapes) - 2)
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
@@ -82,6 +118,8 @@ class Stage(nn.Module):
             # later layers keep activations in sin's well-behaved range.
             bound = 1.0 if j == 0 else math.sqrt(6 / fan_in) / omega_hidden
             w = (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * bound
+            if j == 0 and frequencies is not None:  # periodic: omega_0 * w = pi * k, k integer, one period on [-1, 1]
+                w = frequencies.t().float() * math.pi / omega_0
             b = (torch.rand(fan_out, generator=generator) * 2 - 1) / math.sqrt(fan_in)
             # Every image of the batch starts from the same draw, so a batched fit equals B single fits.
             self.weights.append(nn.Parameter(w.expand(batch, -1, -1).clone()))
@@ -108,8 +146,10 @@ class MRNet(nn.Module):
         super().__init__()
         self.arch = arch
         generator = torch.Generator().manual_seed(seed)
+        frequencies = periodic_frequencies(arch, generator) if arch.periodic else [None] * len(arch.stages)
         self.stages = nn.ModuleList(
-            Stage(arch.layer_shapes(i), s.omega_0, arch.omega_hidden, batch, generator) for i, s in enumerate(arch.stages)
+            Stage(arch.layer_shapes(i), s.omega_0, arch.omega_hidden, batch, generator, frequencies[i])
+            for i, s in enumerate(arch.stages)
         )
 
     @property

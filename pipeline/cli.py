@@ -13,6 +13,7 @@ import torch
 from mrnet_core import modelfile
 from mrnet_core.config import ConfigError, load_file, make_config
 from mrnet_core.encode import encode
+from mrnet_core.export import export_mips
 from mrnet_core.fit import max_batch
 from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
 from mrnet_core.network import MODELS
@@ -153,6 +154,39 @@ def cmd_render(args):
     return 0
 
 
+def cmd_export(args):
+    model, meta = modelfile.load(args.model)
+    sizes = None
+    if args.size:
+        size = _numbers(args.size.lower(), "x", int)
+        if len(size) != 2 or min(size) < 1:
+            raise SystemExit(f"error: --size must be WxH with positive integers, not {args.size!r}")
+        sizes = [tuple(size)]
+    elif not args.mips:
+        raise SystemExit("error: give --mips for the mip chain, or --size WxH")
+    manifest = export_mips(model, meta, args.out, sizes)
+    seconds = sum(e["seconds"] for e in manifest["images"])
+    print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {args.out} in {seconds:.2f} s")
+    return 0
+
+
+def cmd_export_collection(args):
+    """Every periodic (texture) model of an encode job's output, as mip chains under DIR/<image_id>/."""
+    from pipeline import store
+
+    table = store.read_table(args.collection, "encodings", ["image_id", "uri", "architecture", "weights"])
+    count = 0
+    for batch in table.to_batches(max_chunksize=64):
+        for row in batch.to_pylist():
+            if not json.loads(row["architecture"]).get("periodic"):
+                continue
+            model, meta = modelfile.from_bytes(row["weights"], row["uri"])
+            export_mips(model, meta, Path(args.out) / row["image_id"])
+            count += 1
+    print(f"exported {count} texture(s) of {table.num_rows} encoding(s) to {args.out}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mrnet", description="Encode images as multiresolution sinusoidal networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +211,18 @@ def build_parser():
     p.add_argument("--domain", help="window x0,y0,x1,y1 of the domain (default -1,-1,1,1); may lie outside it")
     p.set_defaults(run=cmd_render)
 
+    p = sub.add_parser("export", help="texture assets: the mip chain, or one render of any size")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mips", action="store_true", help="every size halving down to 1 px, each anti-aliased")
+    p.add_argument("--size", help="WxH: one render of this size instead")
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("export-collection", help="mip chains of every texture model in an encode job's output")
+    p.add_argument("collection", metavar="OUT", help="the output folder of `mrnet encode`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(run=cmd_export_collection)
+
     def cmd_encode(args):  # imported here so that the other commands never load Ray
         from pipeline.encode import cmd_encode
         return cmd_encode(args)
@@ -191,7 +237,24 @@ def build_parser():
                              ("--batch-size", int, "images per actor call"), ("--max-pixels", int, "over it: fail")]:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--model", choices=sorted(MODELS))
+    p.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
+    p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
     p.set_defaults(run=cmd_encode)
+
+    def cmd_render_collection(args):
+        from pipeline.collection import render_collection
+        try:
+            print(json.dumps(render_collection(os.path.abspath(args.out), args.config_id,
+                                               log=lambda line: print(line, file=sys.stderr, flush=True))))
+        except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, remote OUT
+            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
+        return 0
+
+    p = sub.add_parser("render-collection", help="thumbnails per level, comparison with codecs, and report.html")
+    p.add_argument("out", metavar="OUT", help="an `mrnet encode` output folder (local)")
+    p.add_argument("--config-id", help="which config's encodings (default: the last run's)")
+    p.set_defaults(run=cmd_render_collection)
     return parser
 
 
