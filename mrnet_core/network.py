@@ -90,10 +90,9 @@ def periodic_frequencies(arch: Architecture, generator):
             if len(free) >= s.first:
                 break
             limit += 1
-        pick = torch.randperm(len(free), generator=generator)[: s.first].tolist()
-        chosen = [free[p] for p in pick]
+        chosen = [free[p] for p in torch.randperm(len(free), generator=generator)[: s.first].tolist()]
         taken.update(chosen)
-        out.append(torch.tensor(chosen[: s.first]).reshape(s.first, arch.in_features))
+        out.append(torch.tensor(chosen))
     return out
 
 
