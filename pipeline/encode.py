@@ -304,6 +304,19 @@ def cmd_encode(args):
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
-    summary = run(args.input, out, cfg, log=lambda line: print(line, file=sys.stderr, flush=True), **job)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    from . import track
+    tracker = track.start(out, getattr(args, "experiment", None), log)  # one MLflow run per job, opened first
+    try:
+        summary = run(args.input, out, cfg, log=log, **job)
+        if not getattr(args, "no_render", False) and "://" not in out:
+            from .collection import render_collection
+            summary["render"] = render_collection(out, summary["config_id"], log=log)
+    except BaseException:
+        if tracker["run_id"]:
+            track.retried("mark run failed", lambda: track.client_for(out).set_terminated(tracker["run_id"], "FAILED"),
+                          log)
+        raise
+    summary["mlflow"] = track.finish(tracker, out, summary, cfg, job, versions(), log)
     print(json.dumps(summary))
     return 0

@@ -1,0 +1,115 @@
+"""`mrnet render-collection OUT`: thumbnails, comparison and report for a config's encodings in OUT.
+
+    OUT/thumbnails/<image_id>/level_<k>.png, strip.png   every level of detail, from the weights alone
+    OUT/comparison/images/part-*.parquet                 one row per image (pipeline/compare.py IMAGES)
+    OUT/comparison/curves/part-*.parquet                 codec rate-distortion points (CURVES)
+    OUT/contact_sheet.png, OUT/report/*.svg, OUT/report.html
+
+Rows stream from Parquet a few at a time, so memory does not grow with the collection. Each batch's comparison
+rows are committed as one part file named by its images, and a rerun skips images already compared under the
+config, so reruns neither duplicate rows nor redo work.
+"""
+import os
+import time
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+from PIL import Image
+
+from mrnet_core import modelfile
+
+from . import store
+from .compare import CURVES, IMAGES, compare
+from .sources import filesystem
+from .thumbnails import GAP, save_image, write_thumbnails
+
+BATCH = 8
+SHEET_IMAGES = 60  # the contact sheet shows the first images only, so it stays a viewable size
+SHEET_HEIGHT = 64
+
+
+def read_folder(out, folder, schema, filter=None, columns=None):
+    """Every committed row of OUT/<folder> (an empty table of `schema` when there is none)."""
+    fs, path = filesystem(store.join(out, folder))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns,
+                                                                                     filter=filter)
+
+
+def pick_config(out, config_id=None):
+    """(config_id, its manifest entry): the one asked for, else the last run's."""
+    manifest = store.read_json(out, "manifest.json")
+    configs = manifest.get("configs", {})
+    if not configs:
+        raise FileNotFoundError(f"{out}: no manifest.json with encodings; run `mrnet encode ... --out {out}` first")
+    config_id = config_id or manifest.get("last_run", {}).get("config_id") or next(iter(configs))
+    if config_id not in configs:
+        raise KeyError(f"{out}: config {config_id} is not in manifest.json (known: {', '.join(configs)})")
+    return config_id, configs[config_id]
+
+
+def thumbnail_folder(out, image_id):
+    return os.path.join(out, "thumbnails", image_id)
+
+
+def render_collection(out, config_id=None, log=print):
+    """Thumbnails and comparison rows for every encoded image not yet done, then the contact sheet and report."""
+    if "://" in out:
+        raise ValueError(f"{out}: render-collection writes thumbnails and a report to a local folder; "
+                         "copy the Parquet output to local disk first")
+    start = time.perf_counter()
+    config_id, config = pick_config(out, config_id)
+    is_config = pads.field("config_id") == config_id
+    done = set(read_folder(out, "comparison/images", IMAGES, is_config, ["image_id"]).column("image_id").to_pylist())
+    fs, path = filesystem(store.join(out, "encodings"))
+    new = 0
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        for batch in dataset.to_batches(filter=is_config, batch_size=BATCH):
+            images, curves = [], []
+            for row in batch.to_pylist():
+                if row["image_id"] in done:
+                    continue
+                done.add(row["image_id"])  # the same file under two uris is compared once
+                model, meta = modelfile.from_bytes(row["weights"], f"{row['uri']} (weights in {out}/encodings)")
+                levels = write_thumbnails(model, meta, thumbnail_folder(out, row["image_id"]))
+                image, points = compare(row, levels, config["size"], config["fit"].get("border", "reflect"))
+                images.append(image)
+                curves.extend(points)
+            if images:
+                name = store.part_name(config_id, [r["image_id"] for r in images])
+                if curves:  # curves first: a kill between the writes leaves the image still to do
+                    store.write_part(out, "comparison/curves", name, curves, CURVES)
+                store.write_part(out, "comparison/images", name, images, IMAGES)
+                new += len(images)
+                log(f"render-collection: {len(done)} image(s) rendered and compared")
+    table = read_folder(out, "comparison/images", IMAGES, is_config)
+    write_contact_sheet(out, table)
+    from .report import write_report  # the report is the last step and the only one that needs the others' output
+    write_report(out, config_id)
+    seconds = time.perf_counter() - start
+    log(f"render-collection: {new} new, {table.num_rows} in all under config {config_id} in {seconds:.1f} s -> "
+        f"{os.path.join(out, 'report.html')}")
+    return {"config_id": config_id, "rendered": new, "compared": table.num_rows, "seconds": round(seconds, 2)}
+
+
+def write_contact_sheet(out, table):
+    """OUT/contact_sheet.png: the level strips of the first SHEET_IMAGES images, one per row, at a small height."""
+    strips = []
+    for image_id in table.column("image_id").to_pylist()[:SHEET_IMAGES]:
+        path = os.path.join(thumbnail_folder(out, image_id), "strip.png")
+        if os.path.exists(path):
+            with Image.open(path) as im:
+                strips.append(im.convert("RGB").resize((max(1, im.width * SHEET_HEIGHT // im.height), SHEET_HEIGHT),
+                                                       Image.LANCZOS))
+    if not strips:
+        return None
+    sheet = Image.new("RGB", (max(s.width for s in strips), len(strips) * (SHEET_HEIGHT + GAP) - GAP), "white")
+    for i, s in enumerate(strips):
+        sheet.paste(s, (0, i * (SHEET_HEIGHT + GAP)))
+    path = os.path.join(out, "contact_sheet.png")
+    save_image(sheet, path)
+    return path

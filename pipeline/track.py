@@ -1,0 +1,200 @@
+"""One MLflow run per `mrnet encode` job: config and versions as params, aggregates as metrics, the report as
+artifacts.
+
+The driver alone talks to MLflow (workers never do), so the store and experiment are created once, before any
+work, and nothing races on first use. Per-image figures stay in Parquet; the run holds aggregates, sent in one
+`log_batch`. Tracking is never fatal: each call is retried a few times and a failure is reported in the job's
+summary, with the Parquet output untouched.
+
+Where: MLFLOW_TRACKING_URI when set (a server, `databricks`, a database); otherwise an embedded SQLite store next
+to the results, `sqlite:///OUT/mlflow.db`, with artifacts in OUT/mlartifacts (for a remote OUT, `mlruns.db` in
+the working directory).
+"""
+import json
+import os
+import subprocess
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+
+from . import store
+
+ATTEMPTS = 3
+WAIT = 1.0  # seconds before the first retry, doubling
+
+
+def tracking_uri(out):
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in out:
+        return f"sqlite:///{os.path.abspath('mlruns.db')}"
+    return f"sqlite:///{os.path.join(out, 'mlflow.db')}"
+
+
+def retried(what, fn, log):
+    """fn() with ATTEMPTS tries; (result, None) or (None, the last error as one line)."""
+    for attempt in range(ATTEMPTS):
+        try:
+            return fn(), None
+        except Exception as e:  # any tracking failure: network, server, store
+            error = f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log(f"mlflow: attempt {attempt + 1}/{ATTEMPTS} failed: {error}")
+            if attempt + 1 < ATTEMPTS:
+                time.sleep(WAIT * 2**attempt)
+    return None, error
+
+
+def client_for(out):
+    # Bound MLflow's own HTTP retries (7, with backoff, by default) so a dead server costs seconds, not minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    from mlflow.tracking import MlflowClient  # slow to import; only jobs that track pay for it
+    return MlflowClient(tracking_uri(out))
+
+
+def experiment_id(client, name, out):
+    """The experiment's id, creating it (artifacts under OUT for a local store) if need be."""
+    from mlflow.exceptions import MlflowException
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = tracking_uri(out).startswith(("sqlite:", "file:")) and "://" not in out
+    try:
+        return client.create_experiment(name, artifact_location=os.path.join(out, "mlartifacts") if local else None)
+    except MlflowException:  # created meanwhile by another job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start(out, experiment=None, log=print):
+    """Open the job's run (status RUNNING). Returns a dict for finish(); never raises."""
+    name = experiment or f"mrnet-{os.path.basename(out.rstrip('/')) or 'encode'}"
+    tracker = {"experiment": name, "tracking_uri": tracking_uri(out), "run_id": None, "error": None}
+
+    def open_run():
+        client = client_for(out)
+        exp = experiment_id(client, name, out)
+        commit = git_commit()
+        run = client.create_run(exp, run_name=f"encode {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                                tags={"mlflow.source.git.commit": commit, "git_commit": commit,
+                                      "mlflow.source.name": "mrnet encode", "out": out})
+        return run.info.run_id
+
+    tracker["run_id"], tracker["error"] = retried("open run", open_run, log)
+    return tracker
+
+
+def params(cfg, job, cfg_id, versions):
+    flat = {f"fit.{k}": json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in cfg.to_dict().items()}
+    flat.update({f"job.{k}": v for k, v in job.items()})
+    flat.update({f"version.{k}": v for k, v in versions.items()}, config_id=cfg_id)
+    return {k: str(v)[:6000] for k, v in flat.items()}
+
+
+def aggregates(out, cfg_id, summary):
+    """Metric name -> value: job counts and speed, and over every image encoded under the config: PSNR and SSIM
+    per level (mean, median, 5th percentile), bpp, compression ratios, and the codecs' PSNR at the same bytes."""
+    m = {"images/done": summary["done"], "images/failed": summary["failed"], "images/skipped": summary["skipped"],
+         "images/listed": summary["listed"], "images_per_second": summary["images_per_second"],
+         "seconds": summary["seconds"], "bytes_in": summary["bytes_in"], "bytes_out": summary["bytes_out"]}
+    is_config = pads.field("config_id") == cfg_id
+    rows = store.read_table(out, "encodings", ["psnr", "ssim", "bpp", "raw_bytes", "file_bytes", "model_bytes"],
+                            is_config).to_pydict()
+    m["images/encoded_total"] = len(rows["bpp"])
+    for key in ("psnr", "ssim"):
+        levels = max((len(v) for v in rows[key]), default=0)
+        for k in range(levels):
+            values = np.array([v[k] for v in rows[key] if len(v) > k])
+            m.update({f"{key}/level_{k}/mean": values.mean(), f"{key}/level_{k}/median": np.median(values),
+                      f"{key}/level_{k}/p5": np.percentile(values, 5)})
+    if rows["bpp"]:
+        model = np.array(rows["model_bytes"], dtype=float)
+        m.update({"bpp/mean": np.mean(rows["bpp"]), "bpp/median": np.median(rows["bpp"]),
+                  "compression_ratio/raw": np.sum(rows["raw_bytes"]) / model.sum(),
+                  "compression_ratio/file": np.sum(rows["file_bytes"]) / model.sum()})
+    from .collection import read_folder
+    from .compare import CODECS, IMAGES
+    compared = read_folder(out, "comparison/images", IMAGES, is_config).to_pydict() if "://" not in out else {}
+    for codec in CODECS:
+        values = [v for v in compared.get(f"{codec}_psnr", []) if v is not None]
+        if values:
+            m[f"{codec}/psnr_at_budget/mean"] = float(np.mean(values))
+            m[f"{codec}/bpp_at_budget/mean"] = float(np.mean([v for v in compared[f"{codec}_bpp"] if v is not None]))
+    return {k: float(v) for k, v in m.items()}
+
+
+def artifacts(out, cfg_id):
+    """Local files to log: the report, its plots, the contact sheet and a per-image summary Parquet."""
+    if "://" in out:
+        return []
+    import pyarrow.parquet as pq
+    from .collection import read_folder
+    from .compare import IMAGES
+    table = read_folder(out, "comparison/images", IMAGES, pads.field("config_id") == cfg_id)
+    if table.num_rows == 0:  # --no-render: the encodings' own figures, without the weights
+        table = store.read_table(out, "encodings", filter=pads.field("config_id") == cfg_id).drop_columns(["weights"])
+    os.makedirs(os.path.join(out, "report"), exist_ok=True)
+    path = os.path.join(out, "report", "summary.parquet")
+    tmp = os.path.join(out, "report", ".summary.parquet.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    files = [path] + [os.path.join(out, p) for p in ("report.html", "contact_sheet.png",
+                                                      "report/rate_distortion.svg", "report/psnr_per_level.svg")]
+    return [f for f in files if os.path.exists(f)]
+
+
+def devices(out, cfg_id):
+    col = store.read_table(out, "encodings", ["device"], pads.field("config_id") == cfg_id).column("device")
+    return sorted(set(col.to_pylist()))
+
+
+def ray_cluster():
+    import ray
+    if not ray.is_initialized():
+        return "none", "{}"
+    ctx = ray.get_runtime_context()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return f"{ctx.gcs_address} ({len(nodes)} node(s))", json.dumps(ray.cluster_resources(), sort_keys=True)
+
+
+def finish(tracker, out, summary, cfg, job, versions, log=print, status="FINISHED"):
+    """Log params, metrics, tags and artifacts to the job's run and close it. Returns what the summary reports:
+    {experiment, tracking_uri, run_id} or the same with `error`; never raises."""
+    cfg_id = summary["config_id"]
+    if tracker["run_id"] is None:  # the start failed: the server may be back
+        tracker.update(start(out, tracker["experiment"], log))
+        if tracker["run_id"] is None:
+            log(f"mlflow: not recorded ({tracker['tracking_uri']}): {tracker['error']}; the Parquet output is complete")
+            return tracker
+
+    def log_all():
+        from mlflow.entities import Metric, Param, RunTag
+        client, now = client_for(out), int(time.time() * 1000)
+        cluster, resources = ray_cluster()
+        tags = {"ray.cluster": cluster, "ray.resources": resources, "devices": "; ".join(devices(out, cfg_id)),
+                "config_id": cfg_id}
+        client.log_batch(tracker["run_id"],
+                         metrics=[Metric(k, v, now, 0) for k, v in aggregates(out, cfg_id, summary).items()],
+                         params=[Param(k, v) for k, v in params(cfg, job, cfg_id, versions).items()],
+                         tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+        for path in artifacts(out, cfg_id):
+            folder = os.path.dirname(os.path.relpath(path, out))
+            client.log_artifact(tracker["run_id"], path, folder or None)
+        client.set_terminated(tracker["run_id"], status)
+
+    _, tracker["error"] = retried("log run", log_all, log)
+    if tracker["error"]:
+        log(f"mlflow: run {tracker['run_id']} incomplete ({tracker['tracking_uri']}): {tracker['error']}; "
+            "the Parquet output is complete")
+    else:
+        log(f"mlflow: run {tracker['run_id']} in experiment {tracker['experiment']} at {tracker['tracking_uri']}")
+    return tracker

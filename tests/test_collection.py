@@ -1,0 +1,228 @@
+"""`mrnet encode` ends with thumbnails, a comparison with codecs, a report and an MLflow run: all real (Ray,
+Parquet, SQLite, an `mlflow server`, headless Chromium)."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import ray
+from PIL import Image
+
+from pipeline import compare as cmp
+from pipeline import store, track
+from pipeline.cli import main
+from pipeline.compare import CURVES, IMAGES
+from pipeline.collection import read_folder
+
+from conftest import sample
+
+SAMPLES = ("astronaut.png", "camera.png", "rocket.jpg")  # RGB, grey, JPEG
+ENCODE = ["--preset", "fast", "--levels", "2", "--size", "32"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, samples):
+    """Three samples encoded by the CLI into OUT with the embedded (SQLite) MLflow store."""
+    root = tmp_path_factory.mktemp("collection")
+    src, out = root / "src", root / "out"
+    src.mkdir()
+    for name in SAMPLES:
+        shutil.copy(samples / name, src / name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(["encode", str(src), "--out", str(out), *ENCODE]) == 0
+    return src, out
+
+
+def encodings(out):
+    return store.read_table(str(out), "encodings").to_pylist()
+
+
+def compared(out):
+    return read_folder(str(out), "comparison/images", IMAGES).to_pylist()
+
+
+def test_thumbnails_every_level_and_comparison_against_the_pyramid(job):
+    _, out = job
+    rows, comp = encodings(out), {r["image_id"]: r for r in compared(out)}
+    assert len(rows) == len(comp) == 3
+    for r in rows:
+        folder = out / "thumbnails" / r["image_id"]
+        h, w = r["height"], r["width"]
+        assert Image.open(folder / "level_0.png").size == ((w + 1) // 2, (h + 1) // 2)  # k = 0 is the coarsest
+        assert Image.open(folder / "level_1.png").size == (w, h)
+        assert Image.open(folder / "strip.png").height == 128
+        c = comp[r["image_id"]]
+        # Rendered from the weights and measured against the re-read original's pyramid: the encode's own figures.
+        assert c["psnr"] == pytest.approx(r["psnr"], abs=0.05) and c["ssim"] == pytest.approx(r["ssim"], abs=2e-3)
+        assert c["ratio_raw"] == pytest.approx(r["raw_bytes"] / r["model_bytes"], rel=1e-3)
+        for codec in cmp.CODECS:
+            assert c[f"{codec}_bytes"] <= r["model_bytes"] and c[f"{codec}_psnr"] > 25
+            assert c[f"{codec}_quality"] == 100 and "highest" in c[f"{codec}_note"]  # these models are huge
+    curves = read_folder(str(out), "comparison/curves", CURVES).to_pylist()
+    assert len(curves) == 3 * len(cmp.CODECS) * len(cmp.LADDER)
+    jpeg = sorted((c["quality"], c["bytes"]) for c in curves if c["codec"] == "jpeg" and c["image_id"] == rows[0]["image_id"])
+    assert [b for _, b in jpeg] == sorted(b for _, b in jpeg)  # bigger files at higher quality
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.height == 3 * 64 + 2 * 4
+
+
+def test_codec_quality_is_the_highest_that_fits_the_budget():
+    image = sample("astronaut.png", 64)
+    pil = cmp.to_pil(image)
+    for codec in cmp.CODECS:
+        budget = len(cmp.encode_with(pil, codec, 50)) + 1
+        quality, data = cmp.fit_budget(pil, codec, budget)
+        assert len(data) <= budget and quality >= 50
+        assert len(cmp.encode_with(pil, codec, quality + 1)) > budget
+        row = cmp.codec_at_budget(image, codec, 10)  # below even the lowest quality
+        assert row[f"{codec}_psnr"] is None and "over the budget of 10" in row[f"{codec}_note"]
+
+
+def test_render_collection_needs_only_the_weights_and_reruns_add_nothing(job, tmp_path, capsys):
+    src, out = job
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("thumbnails", "comparison", "mlflow.db", "mlartifacts"))
+    moved = tmp_path / "gone"
+    shutil.move(src, moved)  # the originals disappear: thumbnails still come from the Parquet weights
+    try:
+        assert main(["render-collection", str(copy)]) == 0
+    finally:
+        shutil.move(moved, src)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rendered"] == 3
+    for r in encodings(copy):
+        assert all((copy / "thumbnails" / r["image_id"] / f"level_{k}.png").exists() for k in (0, 1))
+    rows = compared(copy)
+    assert len(rows) == 3 and all(r["psnr"] is None and "original not compared" in r["note"] and
+                                  os.path.basename(r["uri"]) in r["note"] for r in rows)
+    assert main(["render-collection", str(copy)]) == 0
+    assert len(compared(copy)) == 3  # no duplicates
+    assert main(["render-collection", str(tmp_path / "nothing")]) == 2
+    assert "nothing: no manifest.json" in capsys.readouterr().err
+
+
+def runs(uri, experiment):
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def check_run(client, run, done, skipped):
+    m = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert (m["images/done"], m["images/skipped"], m["images/failed"]) == (done, skipped, 0)
+    for name in ("psnr/level_0/mean", "psnr/level_1/median", "psnr/level_1/p5", "ssim/level_1/mean", "bpp/mean",
+                 "compression_ratio/raw", "images_per_second", "jpeg/psnr_at_budget/mean"):
+        assert name in m
+    assert m["psnr/level_1/p5"] <= m["psnr/level_1/median"]
+    assert run.data.params["fit.levels"] == "2" and run.data.params["job.size"] == "32"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == head and run.data.tags["devices"].startswith("cpu")
+    assert "node(s)" in run.data.tags["ray.cluster"]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    names |= {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report.html", "contact_sheet.png", "report/summary.parquet", "report/rate_distortion.svg"} <= names
+    local = client.download_artifacts(run.info.run_id, "report/summary.parquet")
+    assert pq.read_table(local).num_rows == 3
+
+
+def test_mlflow_run_in_the_embedded_sqlite_store(job):
+    _, out = job
+    client, found = runs(f"sqlite:///{out}/mlflow.db", "mrnet-out")
+    assert len(found) == 1
+    check_run(client, found[0], done=3, skipped=0)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_run_on_a_tracking_server(job, tmp_path, monkeypatch, capsys):
+    src, out = job
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited"
+                time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        assert main(["encode", str(src), "--out", str(out), *ENCODE, "--experiment", "served"]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert summary["mlflow"]["error"] is None and summary["skipped"] == 3
+        client, found = runs(uri, "served")
+        assert [r.info.run_id for r in found] == [summary["mlflow"]["run_id"]]
+        check_run(client, found[0], done=0, skipped=3)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_a_dead_tracking_server_is_reported_not_fatal(job, monkeypatch, capsys):
+    src, out = job
+    before = sorted(p.name for p in (out / "encodings").iterdir())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr(track, "WAIT", 0.1)
+    start = time.perf_counter()
+    assert main(["encode", str(src), "--out", str(out), *ENCODE]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["mlflow"]["run_id"] is None and "open run" in summary["mlflow"]["error"]
+    assert captured.err.count("mlflow: attempt") == 2 * track.ATTEMPTS  # retried at the start and at the end
+    assert "the Parquet output is complete" in captured.err
+    assert time.perf_counter() - start < 120
+    assert sorted(p.name for p in (out / "encodings").iterdir()) == before and len(encodings(out)) == 3
+    assert (out / "report.html").exists()
+
+
+def chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium_with_its_images(job, tmp_path):
+    _, out = job
+    browser = chromium()
+    if not browser:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing under CI (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium); required under CI")
+    html = (out / "report.html").read_text()
+    assert not re.search(r'src="(?!data:)', html)  # self-contained: every image is a data URI
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+         (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    ok, total = map(int, loaded.groups())
+    assert ok == total == 2 + 2  # two plots, the strips of the best and the worst image
+    assert "rate-distortion plot" in dom and "astronaut.png" in dom and "Failures (0)" in dom
