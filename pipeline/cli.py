@@ -187,6 +187,24 @@ def cmd_export_collection(args):
     return 0
 
 
+def cmd_encode(args):
+    from pipeline.encode import cmd_encode  # here, so that the other commands never load Ray
+
+    return cmd_encode(args)
+
+
+def cmd_render_collection(args):
+    from pipeline.collection import render_collection
+
+    try:
+        print(json.dumps(render_collection(os.path.abspath(args.out), args.config_id,
+                                           log=lambda line: print(line, file=sys.stderr, flush=True))))
+    except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, remote OUT
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="mrnet", description="Encode images as multiresolution sinusoidal networks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,7 +213,7 @@ def build_parser():
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=sorted(MODELS), help="m: M-Net (default), l: L-Net, s: S-Net")
-    p.add_argument("--preset", default="default", help="default or fast")
+    p.add_argument("--preset", default="default", help="default, fast or texture")
     p.add_argument("--config", help="TOML or JSON file of config keys (see README)")
     p.add_argument("--size", type=int, help="resize so that the long side is S pixels")
     p.add_argument("--levels", type=int, help="number of levels (stages)")
@@ -223,14 +241,10 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(run=cmd_export_collection)
 
-    def cmd_encode(args):  # imported here so that the other commands never load Ray
-        from pipeline.encode import cmd_encode
-        return cmd_encode(args)
-
     p = sub.add_parser("encode", help="encode a folder, glob or URI list into Parquet on Ray (resumable)")
     p.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs (local, s3://, gs://, file://)")
     p.add_argument("--out", required=True, help="output folder or URI")
-    for flag, kind, text in [("--config", str, "TOML/JSON, [fit] and [job] tables"), ("--preset", str, "default, fast"),
+    for flag, kind, text in [("--config", str, "TOML/JSON, [fit] and [job] tables"), ("--preset", str, "default, fast or texture"),
                              ("--size", int, "resize the long side to S"), ("--levels", int, "levels (stages)"),
                              ("--ray-address", str, "join this Ray cluster (default: a local one)"),
                              ("--num-gpus", float, "GPUs per actor"), ("--actors", int, "most fitting actors"),
@@ -240,16 +254,6 @@ def build_parser():
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
     p.set_defaults(run=cmd_encode)
-
-    def cmd_render_collection(args):
-        from pipeline.collection import render_collection
-        try:
-            print(json.dumps(render_collection(os.path.abspath(args.out), args.config_id,
-                                               log=lambda line: print(line, file=sys.stderr, flush=True))))
-        except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, remote OUT
-            print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-            return 2
-        return 0
 
     p = sub.add_parser("render-collection", help="thumbnails per level, comparison with codecs, and report.html")
     p.add_argument("out", metavar="OUT", help="an `mrnet encode` output folder (local)")
