@@ -35,11 +35,11 @@ class FitConfig:
     stall_epochs: int = 0  # stop once the loss has not improved by stall_tol (relative) for this many epochs; 0: never
     stall_tol: float = 1e-3
     seed: int = 0
-    weights_dtype: str = "float32"  # how model files store weights: float32 or float16
+    weights_dtype: str = "float32"  # how model files store weights: float32, float16 or int8 (per-column scales)
 
     def validate(self):
         choices = {"model": MODELS, "target": ("gaussian", "laplacian"), "border": ("reflect", "wrap"),
-                   "weights_dtype": ("float32", "float16")}
+                   "weights_dtype": ("float32", "float16", "int8")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(allowed)}, not {getattr(self, key)!r}")

@@ -6,8 +6,8 @@ import torch
 from .config import FitConfig
 from .fit import fit
 from .metrics import psnr, seam, ssim
-from .modelfile import to_bytes
-from .pyramid import gaussian_pyramid
+from .modelfile import from_bytes, to_bytes
+from .pyramid import gaussian_pyramid, level_sizes
 from .render import render
 
 
@@ -30,20 +30,25 @@ def level_metrics(model, images, cfg: FitConfig):
 def encode(images, cfg: FitConfig, device=None, progress=None):
     """Fit one MR-Net per image of [B, C, H, W]: (records, model files as bytes), one of each per image.
 
-    `model_bytes` is the real size of the stored model file; times are the batch's wall time shared evenly among
-    its images (`batch` says how many were fitted together).
+    `model_bytes` is the real size of the stored model file, and the levels' quality is that of the stored model
+    (after float16 or int8 storage); times are the batch's wall time shared evenly among its images (`batch` says
+    how many were fitted together).
     """
     start = time.perf_counter()
     model, reports = fit(images, cfg, device=device, progress=progress)
     seconds = time.perf_counter() - start
     b, c, h, w = images.shape
-    levels = level_metrics(model, images, cfg)
     meta = {"width": w, "height": h, "channels": c, "border": cfg.border,
-            "levels": [[lv["height"], lv["width"]] for lv in levels[0]]}
-    records, blobs = [], []
-    for i in range(b):
-        blob = to_bytes(model, meta, cfg.weights_dtype, index=i)
-        blobs.append(blob)
+            "levels": [list(size) for size in level_sizes(h, w, levels=cfg.levels)[::-1]]}
+    blobs = [to_bytes(model, meta, cfg.weights_dtype, index=i) for i in range(b)]
+    if cfg.weights_dtype != "float32":  # measure what is stored, not what was trained
+        with torch.no_grad():
+            for i, blob in enumerate(blobs):
+                for p, q in zip(model.parameters(), from_bytes(blob)[0].parameters()):
+                    p[i].copy_(q[0])
+    levels = level_metrics(model, images, cfg)
+    records = []
+    for i, blob in enumerate(blobs):
         records.append({
             "width": w, "height": h, "channels": c, "model": cfg.model, "params": model.arch.params(),
             "model_bytes": len(blob), "raw_bytes": w * h * c, "bpp": round(8 * len(blob) / (w * h), 4),

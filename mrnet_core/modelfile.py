@@ -5,15 +5,18 @@ Layout (all integers little-endian):
     magic    8 bytes  b"\\x89MRNET\\r\\n"
     version  uint32   1
     length   uint32   byte length of the header
-    header   JSON (UTF-8): {"architecture": {...}, "dtype": "float32" | "float16", "meta": {...}}
-    payload  the weights as raw little-endian arrays of `dtype`, stage by stage, layer by layer, weight
-             [fan_in, fan_out] then bias [fan_out] (the order of `Architecture.layer_shapes`)
+    header   JSON (UTF-8): {"architecture": {...}, "dtype": "float32" | "float16" | "int8", "meta": {...}}
+    payload  the weights, stage by stage, layer by layer, weight [fan_in, fan_out] then bias [fan_out] (the
+             order of `Architecture.layer_shapes`): raw little-endian arrays of `dtype`; for int8, each
+             tensor is its float32 scales (one per output column of a weight, one for a bias) followed by
+             its int8 values, and a value is int8 x scale
 
 `meta` holds what rendering and metrics need besides the weights: the image's width, height and channels and
 the level sizes coarse to fine. Reading checks every field and the payload's exact size before allocating
 anything, so a corrupt or hostile file is rejected with a clear error, and nothing in it is ever executed.
 """
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -25,7 +28,7 @@ from .network import Architecture, MRNet, snap_periodic
 
 MAGIC = b"\x89MRNET\r\n"
 VERSION = 1
-DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 MAX_HEADER = 1 << 20
 
 
@@ -40,13 +43,52 @@ def _tensor_order(model):
             yield b
 
 
+def _shapes(arch):
+    """Shapes of the stored tensors, in payload order."""
+    for i in range(len(arch.stages)):
+        for fan_in, fan_out in arch.layer_shapes(i):
+            yield (fan_in, fan_out)
+            yield (fan_out,)
+
+
+def _payload_size(arch, dtype):
+    if dtype == "int8":  # scales per output column of a weight, one for a bias, then a byte per value
+        return sum(4 * (s[-1] if len(s) == 2 else 1) + math.prod(s) for s in _shapes(arch))
+    return arch.params() * DTYPES[dtype].itemsize
+
+
+def _quantise(a):
+    """float32 [fan_in, fan_out] or [n] -> (float32 scales, int8 values) with symmetric per-column scales."""
+    peak = np.abs(a).max(axis=0) if a.ndim == 2 else np.abs(a).max(keepdims=True)
+    scales = (np.maximum(peak, 1e-12) / 127).astype("<f4")
+    return scales, np.clip(np.rint(a / scales), -127, 127).astype("i1")
+
+
 def to_bytes(model: MRNet, meta: dict, dtype="float32", index=0):
     """Serialise image `index` of a (batched) MRNet."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     header = json.dumps({"architecture": model.arch.to_dict(), "dtype": dtype, "meta": meta}).encode()
-    arrays = [t[index].detach().cpu().numpy().astype(DTYPES[dtype]).tobytes() for t in _tensor_order(model)]
+    arrays = []
+    for t in _tensor_order(model):
+        a = t[index].detach().cpu().numpy().astype("<f4")
+        arrays += [x.tobytes() for x in _quantise(a)] if dtype == "int8" else [a.astype(DTYPES[dtype]).tobytes()]
     return b"".join([MAGIC, struct.pack("<II", VERSION, len(header)), header, *arrays])
+
+
+def _decode(payload, arch, dtype):
+    """The weights as one float32 array, in payload order."""
+    if dtype != "int8":
+        return np.frombuffer(payload, dtype=DTYPES[dtype]).astype(np.float32)
+    values, offset = [], 0
+    for shape in _shapes(arch):
+        n_scales = shape[-1] if len(shape) == 2 else 1
+        scales = np.frombuffer(payload, "<f4", n_scales, offset)
+        offset += 4 * n_scales
+        q = np.frombuffer(payload, "i1", math.prod(shape), offset).reshape(shape)
+        offset += q.size
+        values.append((q * scales).astype(np.float32).ravel())
+    return np.concatenate(values)
 
 
 def from_bytes(data: bytes, name="<bytes>"):
@@ -65,17 +107,19 @@ def from_bytes(data: bytes, name="<bytes>"):
     try:
         header = json.loads(data[start : start + length].decode())
         arch = Architecture.from_dict(header["architecture"])
-        dtype = DTYPES[header["dtype"]]
+        dtype = header["dtype"]
+        if dtype not in DTYPES:
+            raise KeyError(f"unknown dtype {dtype!r}")
         meta = header["meta"]
         if not isinstance(meta, dict):
             raise TypeError("meta is not an object")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise fail(f"bad header: {type(e).__name__}: {e}") from None
     payload = memoryview(data)[start + length :]
-    expected = arch.params() * dtype.itemsize
+    expected = _payload_size(arch, dtype)
     if len(payload) != expected:
         raise fail(f"payload is {len(payload)} bytes but the architecture needs {expected} (truncated or corrupt)")
-    values = np.frombuffer(payload, dtype=dtype).astype(np.float32)
+    values = _decode(payload, arch, dtype)
     if not np.isfinite(values).all():
         raise fail("weights contain NaN or infinity")
     model = MRNet(arch, batch=1)

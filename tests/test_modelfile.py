@@ -72,3 +72,37 @@ def test_corrupt_files_are_rejected_with_a_clear_error(tmp_path, name, data, rea
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(modelfile.ModelFileError, match="nothing.mrnet"):
         modelfile.load(tmp_path / "nothing.mrnet")
+
+
+def test_int8_stores_a_byte_a_weight_plus_scales_and_decodes_closely():
+    m = model(1)
+    int8 = modelfile.to_bytes(m, META, "int8")
+    full = modelfile.to_bytes(m, META)
+    header = len(modelfile.to_bytes(m, META, "float16")) - 2 * m.arch.params()
+    scales = sum(fo + 1 for i in range(len(m.arch.stages)) for _, fo in m.arch.layer_shapes(i))
+    assert len(int8) == header - len('"float16"') + len('"int8"') + m.arch.params() + 4 * scales
+    loaded, _ = modelfile.from_bytes(int8)
+    for stage, original in zip(loaded.stages, m.stages):
+        for p, q in zip(stage.weights, original.weights):  # within half a step of each column's scale
+            step = q.abs().amax(dim=1, keepdim=True) / 127
+            assert ((p - q).abs() <= step / 2 + 1e-7).all()
+    assert torch.allclose(render(loaded, 8, 8), render(m, 8, 8), atol=0.05)
+    assert len(int8) < len(full) / 3
+    with pytest.raises(modelfile.ModelFileError, match="payload"):
+        modelfile.from_bytes(int8[:-1])
+
+
+def test_encode_measures_the_stored_model():
+    from mrnet_core.encode import encode
+
+    images = torch.rand(2, 3, 16, 16)
+    cfg32 = make_config("fast", {"levels": 2, "max_epochs": [30, 30]})
+    cfg8 = make_config("fast", {"levels": 2, "max_epochs": [30, 30], "weights_dtype": "int8"})
+    (r32, _), (r8, blobs) = encode(images, cfg32, device="cpu"), encode(images, cfg8, device="cpu")
+    assert r8[0]["model_bytes"] == len(blobs[0]) < r32[0]["model_bytes"] / 3
+    stored, meta = modelfile.from_bytes(blobs[1])
+    assert meta["levels"] == [[8, 8], [16, 16]]
+    from mrnet_core.metrics import psnr
+    direct = psnr(render(stored, 16, 16).clamp(0, 1), images[1:2])[0]
+    assert r8[1]["levels"][-1]["psnr"] == pytest.approx(float(direct), abs=0.01)
+    assert r8[1]["levels"][-1]["psnr"] < r32[1]["levels"][-1]["psnr"]
