@@ -108,8 +108,9 @@ def main():
     args = parser.parse_args()
     device = torch.device(args.device)
     overrides = load_file(args.config)[0] if args.config else {}
+    tf32 = bool(overrides.pop("tf32", False))  # a benchmark switch, not a fit key: TF32 matmuls on CUDA
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = bool(overrides.pop("tf32", False))
+        torch.backends.cuda.matmul.allow_tf32 = tf32
 
     if args.case:
         size, batch = map(int, args.case.split(","))
