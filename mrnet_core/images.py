@@ -113,9 +113,9 @@ def to_pil(image):
 
 
 def save_png(image, path):
-    """Write [C, H, W] as PNG atomically (write, then rename)."""
+    """Write [C, H, W] (or a Pillow image) as PNG atomically (write, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    to_pil(image).save(tmp, format="PNG")
+    (image if isinstance(image, Image.Image) else to_pil(image)).save(tmp, format="PNG")
     os.replace(tmp, path)

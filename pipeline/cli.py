@@ -18,6 +18,7 @@ from mrnet_core.fit import max_batch
 from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
+from pipeline.thumbnails import render_levels
 
 
 class Progress:
@@ -108,10 +109,8 @@ def cmd_fit(args):
             tmp = model_path.with_name(f".{model_path.name}.tmp")
             tmp.write_bytes(blob)
             os.replace(tmp, model_path)
-            model, _ = modelfile.from_bytes(blob, str(model_path))
-            for k, level in enumerate(record["levels"]):
-                save_png(render(model, level["width"], level["height"], t=k + 1, index=0).clamp(0, 1),
-                         out / stem / f"level_{k}.png")
+            for k, level in enumerate(render_levels(*modelfile.from_bytes(blob, str(model_path)))):
+                save_png(level, out / stem / f"level_{k}.png")
             full = record["levels"][-1]
             print(f"{path}: {record['params']} params, {record['bpp']:.2f} bpp, "
                   f"{full['psnr']:.2f} dB at {full['width']}x{full['height']}, {record['fit_seconds']:.1f} s")

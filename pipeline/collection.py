@@ -12,31 +12,21 @@ config, so reruns neither duplicate rows nor redo work.
 import os
 import time
 
-import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from PIL import Image
 
 from mrnet_core import modelfile
+from mrnet_core.images import save_png
 
 from . import store
 from .compare import CURVES, IMAGES, compare
 from .sources import filesystem
-from .thumbnails import GAP, save_image, write_thumbnails
+from .thumbnails import GAP, write_thumbnails
 
 BATCH = 8
 SHEET_IMAGES = 60  # the contact sheet shows the first images only, so it stays a viewable size
 SHEET_HEIGHT = 64
-
-
-def read_folder(out, folder, schema, filter=None, columns=None):
-    """Every committed row of OUT/<folder> (an empty table of `schema` when there is none)."""
-    fs, path = filesystem(store.join(out, folder))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns,
-                                                                                     filter=filter)
 
 
 def pick_config(out, config_id=None):
@@ -63,7 +53,7 @@ def render_collection(out, config_id=None, log=print):
     start = time.perf_counter()
     config_id, config = pick_config(out, config_id)
     is_config = pads.field("config_id") == config_id
-    done = set(read_folder(out, "comparison/images", IMAGES, is_config, ["image_id"]).column("image_id").to_pylist())
+    done = set(store.read_table(out, "comparison/images", ["image_id"], is_config, IMAGES).column("image_id").to_pylist())
     fs, path = filesystem(store.join(out, "encodings"))
     new = 0
     if fs.get_file_info(path).type == pafs.FileType.Directory:
@@ -86,7 +76,7 @@ def render_collection(out, config_id=None, log=print):
                 store.write_part(out, "comparison/images", name, images, IMAGES)
                 new += len(images)
                 log(f"render-collection: {len(done)} image(s) rendered and compared")
-    table = read_folder(out, "comparison/images", IMAGES, is_config)
+    table = store.read_table(out, "comparison/images", filter=is_config, schema=IMAGES)
     write_contact_sheet(out, table)
     from .report import write_report  # the report is the last step and the only one that needs the others' output
     write_report(out, config_id)
@@ -111,5 +101,5 @@ def write_contact_sheet(out, table):
     for i, s in enumerate(strips):
         sheet.paste(s, (0, i * (SHEET_HEIGHT + GAP)))
     path = os.path.join(out, "contact_sheet.png")
-    save_image(sheet, path)
+    save_png(sheet, path)
     return path

@@ -183,10 +183,9 @@ def write_text(path, text):
 
 def write_report(out, config_id):
     """Write OUT/report.html and OUT/report/{rate_distortion,psnr_per_level}.svg; the report's path."""
-    from .collection import read_folder
     is_config = pads.field("config_id") == config_id
-    images = sorted(read_folder(out, "comparison/images", IMAGES, is_config).to_pylist(), key=lambda r: r["uri"])
-    curves = read_folder(out, "comparison/curves", CURVES, is_config).to_pylist()
+    images = sorted(store.read_table(out, "comparison/images", filter=is_config, schema=IMAGES).to_pylist(), key=lambda r: r["uri"])
+    curves = store.read_table(out, "comparison/curves", filter=is_config, schema=CURVES).to_pylist()
     failures = store.read_table(out, "failures", filter=is_config).to_pylist()
     manifest = store.read_json(out, "manifest.json")
     plots = {"rate_distortion.svg": rd_plot(images, curves), "psnr_per_level.svg": level_plot(images)}

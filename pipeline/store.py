@@ -98,13 +98,16 @@ def remove_temporaries(out):
                 fs.delete_file(info.path)
 
 
-def read_table(out, folder, columns=None, filter=None):
-    """Every committed row of OUT/folder (empty when there is none)."""
+def read_table(out, folder, columns=None, filter=None, schema=None):
+    """Every committed row of OUT/folder, read as `schema` (default: that of encodings or failures); an empty
+    table when there is none."""
+    schema = schema or (ENCODINGS if folder == "encodings" else FAILURES)
     fs, path = filesystem(join(out, folder))
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        empty = (ENCODINGS if folder == "encodings" else FAILURES).empty_table()
+        empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns, filter=filter)
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns,
+                                                                                     filter=filter)
 
 
 def done_keys(out, cfg_id):

@@ -1,8 +1,8 @@
 """Thumbnails of an encoding: every level of detail drawn from the weights alone, and a strip of all levels.
 
-Level k (k = 0 coarsest) is drawn at that level's own size with t = antialiased_level(...), which for the
-level's size is k + 1: a small thumbnail evaluates only the coarse stages its pixels can show, so it is both
-cheap and free of aliasing. Nothing here reads the original image.
+Level k (k = 0 coarsest) is drawn at that level's own size with t = k + 1, the level of detail that size can
+show: a small thumbnail evaluates only the coarse stages its pixels need, so it is both cheap and free of
+aliasing. Nothing here reads the original image.
 """
 import os
 
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mrnet_core.images import save_png, to_pil
-from mrnet_core.render import antialiased_level, render
+from mrnet_core.render import render
 
 STRIP_HEIGHT = 128  # every level is shown at this height in the strip, so the levels line up
 GAP = 4
@@ -18,12 +18,7 @@ GAP = 4
 
 def render_levels(model, meta):
     """[C, h_k, w_k] in [0, 1] per level, coarse to fine, each at its own resolution."""
-    sizes = [tuple(s) for s in meta["levels"]]
-    out = []
-    for h, w in sizes:
-        t = antialiased_level(sizes, w, h)
-        out.append(render(model, w, h, t=t, index=0).clamp(0, 1))
-    return out
+    return [render(model, w, h, t=k + 1, index=0).clamp(0, 1) for k, (h, w) in enumerate(meta["levels"])]
 
 
 def strip(model, meta, height=STRIP_HEIGHT):
@@ -41,20 +36,11 @@ def strip(model, meta, height=STRIP_HEIGHT):
     return sheet
 
 
-def save_image(image: Image.Image, path):
-    """Write a PIL image as PNG atomically."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 @torch.no_grad()
 def write_thumbnails(model, meta, folder):
     """folder/level_<k>.png for every level and folder/strip.png; the rendered levels (for the comparison)."""
     levels = render_levels(model, meta)
     for k, image in enumerate(levels):
         save_png(image, os.path.join(folder, f"level_{k}.png"))
-    save_image(strip(model, meta), os.path.join(folder, "strip.png"))
+    save_png(strip(model, meta), os.path.join(folder, "strip.png"))
     return levels

@@ -121,9 +121,8 @@ def aggregates(out, cfg_id, summary):
         m.update({"bpp/mean": np.mean(rows["bpp"]), "bpp/median": np.median(rows["bpp"]),
                   "compression_ratio/raw": np.sum(rows["raw_bytes"]) / model.sum(),
                   "compression_ratio/file": np.sum(rows["file_bytes"]) / model.sum()})
-    from .collection import read_folder
     from .compare import CODECS, IMAGES
-    compared = read_folder(out, "comparison/images", IMAGES, is_config).to_pydict() if "://" not in out else {}
+    compared = store.read_table(out, "comparison/images", filter=is_config, schema=IMAGES).to_pydict() if "://" not in out else {}
     for codec in CODECS:
         values = [v for v in compared.get(f"{codec}_psnr", []) if v is not None]
         if values:
@@ -137,9 +136,8 @@ def artifacts(out, cfg_id):
     if "://" in out:
         return []
     import pyarrow.parquet as pq
-    from .collection import read_folder
     from .compare import IMAGES
-    table = read_folder(out, "comparison/images", IMAGES, pads.field("config_id") == cfg_id)
+    table = store.read_table(out, "comparison/images", filter=pads.field("config_id") == cfg_id, schema=IMAGES)
     if table.num_rows == 0:  # --no-render: the encodings' own figures, without the weights
         table = store.read_table(out, "encodings", filter=pads.field("config_id") == cfg_id).drop_columns(["weights"])
     os.makedirs(os.path.join(out, "report"), exist_ok=True)

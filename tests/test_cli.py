@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mrnet_core import modelfile
 from mrnet_core.images import read_image
 
 ROOT = Path(__file__).resolve().parent.parent

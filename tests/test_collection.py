@@ -11,7 +11,6 @@ import sys
 import time
 import urllib.request
 
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -21,7 +20,6 @@ from pipeline import compare as cmp
 from pipeline import store, track
 from pipeline.cli import main
 from pipeline.compare import CURVES, IMAGES
-from pipeline.collection import read_folder
 
 from conftest import sample
 
@@ -55,7 +53,7 @@ def encodings(out):
 
 
 def compared(out):
-    return read_folder(str(out), "comparison/images", IMAGES).to_pylist()
+    return store.read_table(str(out), "comparison/images", schema=IMAGES).to_pylist()
 
 
 def test_thumbnails_every_level_and_comparison_against_the_pyramid(job):
@@ -75,7 +73,7 @@ def test_thumbnails_every_level_and_comparison_against_the_pyramid(job):
         for codec in cmp.CODECS:
             assert c[f"{codec}_bytes"] <= r["model_bytes"] and c[f"{codec}_psnr"] > 25
             assert c[f"{codec}_quality"] == 100 and "highest" in c[f"{codec}_note"]  # these models are huge
-    curves = read_folder(str(out), "comparison/curves", CURVES).to_pylist()
+    curves = store.read_table(str(out), "comparison/curves", schema=CURVES).to_pylist()
     assert len(curves) == 3 * len(cmp.CODECS) * len(cmp.LADDER)
     jpeg = sorted((c["quality"], c["bytes"]) for c in curves if c["codec"] == "jpeg" and c["image_id"] == rows[0]["image_id"])
     assert [b for _, b in jpeg] == sorted(b for _, b in jpeg)  # bigger files at higher quality

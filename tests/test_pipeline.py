@@ -10,7 +10,6 @@ import numpy as np
 import psutil
 import pytest
 import ray
-import torch
 from PIL import Image
 
 from mrnet_core import modelfile
