@@ -8,6 +8,8 @@ from .fit import fit
 from .metrics import psnr, seam, ssim
 from .modelfile import from_bytes, to_bytes
 from .pyramid import gaussian_pyramid, level_sizes
+from .quantize import finetune
+from .rate import encode_at_rate
 from .render import render
 
 
@@ -30,30 +32,44 @@ def level_metrics(model, images, cfg: FitConfig):
 def encode(images, cfg: FitConfig, device=None, progress=None):
     """Fit one MR-Net per image of [B, C, H, W]: (records, model files as bytes), one of each per image.
 
-    `model_bytes` is the real size of the stored model file, and the levels' quality is that of the stored model
-    (after float16 or int8 storage); times are the batch's wall time shared evenly among its images (`batch` says
-    how many were fitted together).
+    Weights of 8 bits or fewer are fine-tuned through the quantiser after the fit (`cfg.qat_epochs`); a rate target
+    (`cfg.target_bpp`, `cfg.target_psnr`) sizes each image's model instead (`rate.encode_at_rate`).
+    `model_bytes` is the real size of the stored model file, and the levels' quality is that of the stored model;
+    times are the batch's wall time shared evenly among its images (`batch` says how many were fitted together).
     """
+    if cfg.target_bpp or cfg.target_psnr:
+        return encode_at_rate(images, cfg, lambda im, c: encode(im, c, device, progress))
     start = time.perf_counter()
     model, reports = fit(images, cfg, device=device, progress=progress)
+    if cfg.weight_bits <= 8:
+        finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or 4096, cfg.levels,
+                 cfg.border, cfg.seed)
     seconds = time.perf_counter() - start
+    records, blobs = measure(model, images, cfg)
+    for i, r in enumerate(records):
+        r.update(fit_seconds=round(seconds / len(records), 3), batch=len(records),
+                 stages=[{"params": s.params, "epochs": s.epochs[i], "seconds": round(s.seconds / len(records), 3)}
+                         for s in reports])
+    return records, blobs
+
+
+def measure(model, images, cfg: FitConfig, bits=None):
+    """(records, model files) of a fitted batched model stored at `bits` (default cfg.weight_bits): sizes, and
+    every level's quality measured on the stored model, not the trained one. `model` ends up holding the stored
+    weights."""
+    bits = bits or cfg.weight_bits
     b, c, h, w = images.shape
     meta = {"width": w, "height": h, "channels": c, "border": cfg.border,
             "levels": [list(size) for size in level_sizes(h, w, levels=cfg.levels)[::-1]]}
-    blobs = [to_bytes(model, meta, cfg.weights_dtype, index=i) for i in range(b)]
-    if cfg.weights_dtype != "float32":  # measure what is stored, not what was trained
+    blobs = [to_bytes(model, meta, bits, index=i) for i in range(b)]
+    if bits != 32:
         with torch.no_grad():
             for i, blob in enumerate(blobs):
                 for p, q in zip(model.parameters(), from_bytes(blob)[0].parameters()):
                     p[i].copy_(q[0])
     levels = level_metrics(model, images, cfg)
-    records = []
-    for i, blob in enumerate(blobs):
-        records.append({
-            "width": w, "height": h, "channels": c, "model": cfg.model, "params": model.arch.params(),
-            "model_bytes": len(blob), "raw_bytes": w * h * c, "bpp": round(8 * len(blob) / (w * h), 4),
-            "fit_seconds": round(seconds / b, 3), "batch": b,
-            "levels": levels[i],
-            "stages": [{"params": r.params, "epochs": r.epochs[i], "seconds": round(r.seconds / b, 3)} for r in reports],
-        })
+    records = [{"width": w, "height": h, "channels": c, "model": cfg.model, "architecture": model.arch.to_json(),
+                "params": model.arch.params(),
+                "weight_bits": bits, "model_bytes": len(blob), "raw_bytes": w * h * c,
+                "bpp": round(8 * len(blob) / (w * h), 4), "levels": levels[i]} for i, blob in enumerate(blobs)]
     return records, blobs

@@ -80,7 +80,7 @@ def test_seam_metric_sees_a_jump_at_the_boundary():
 def test_float16_model_files_stay_exactly_periodic(texture_fit, tmp_path):
     model, _, _ = texture_fit
     meta = {"width": 32, "height": 32, "channels": 3, "levels": [[16, 16], [32, 32]]}
-    loaded, _ = modelfile.from_bytes(modelfile.to_bytes(model, meta, "float16"))
+    loaded, _ = modelfile.from_bytes(modelfile.to_bytes(model, meta, 16))
     shifted = render(loaded, 16, 16, window=(1.0, 1.0, 3.0, 3.0))
     assert torch.allclose(render(loaded, 16, 16), shifted, atol=1e-4)
 

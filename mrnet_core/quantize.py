@@ -1,0 +1,122 @@
+"""Weight quantisation: uniform steps per output column, and quantisation-aware fine-tuning.
+
+A weight [fan_in, fan_out] gets one step per output column, a bias one step for the whole vector; a value is
+stored as the integer round(w / step), |symbol| <= 2^(bits-1) - 1. Steps are themselves coded in one byte on a
+log scale (a factor 2^(1/8) apart), so a column costs 8 bits of side information. Everything here works on
+batched weights [B, ...] so a whole batch of models is quantised, and fine-tuned, at once.
+"""
+import math
+
+import torch
+from torch.func import functional_call
+
+from .pyramid import gaussian_pyramid, pixel_grid
+
+STEPS_PER_OCTAVE = 8
+STEP_OFFSET = 24  # code 0 is a step of 2^-24; code 255 is 2^7.9
+
+
+def max_symbol(bits):
+    return 2 ** (bits - 1) - 1
+
+
+def code_to_value(code):
+    """A one-byte log code (uint8 tensor) as the float32 value it stands for."""
+    return torch.exp2(code.double() / STEPS_PER_OCTAVE - STEP_OFFSET).float()
+
+
+def value_to_code(value):
+    """The smallest code whose value is at least `value` (so that a column's peak stays within its range)."""
+    code = torch.ceil((torch.log2(value.double().clamp_min(2.0**-STEP_OFFSET)) + STEP_OFFSET) * STEPS_PER_OCTAVE)
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def quantise(w, bits, is_weight):
+    """(step codes, symbols) of batched weights [B, fan_in, fan_out] (is_weight) or biases [B, n]."""
+    w = w.detach().float()
+    peak = w.abs().amax(dim=-2) if is_weight else w.abs().amax(dim=-1, keepdim=True)
+    codes = value_to_code(peak / max_symbol(bits))
+    step = code_to_value(codes).to(w.device)
+    step = step.unsqueeze(-2) if is_weight else step
+    symbols = torch.round(w / step).clamp_(-max_symbol(bits), max_symbol(bits)).to(torch.int32)
+    return codes, symbols
+
+
+def dequantise(codes, symbols, is_weight):
+    step = code_to_value(codes).to(symbols.device)
+    return symbols.float() * (step.unsqueeze(-2) if is_weight else step)
+
+
+def fake_quantise(w, bits, is_weight):
+    """w rounded onto its quantisation grid in the forward pass, identity in the backward (straight-through)."""
+    q = dequantise(*quantise(w, bits, is_weight), is_weight)
+    return w + (q - w).detach()
+
+
+FINE_BITS = 12
+
+
+def tensor_bits(bits, layer, is_weight):
+    """The bits of one tensor: first-layer weights and all biases get FINE_BITS.
+
+    Both are multiplied by omega (30 or so) inside a sine, so a step there is a large phase error: at 6 bits, rounding
+    just the biases of a fitted model costs 5 dB, and they are a few percent of the parameters.
+    """
+    return FINE_BITS if (layer == 0 or not is_weight) else bits
+
+
+def quantised_parameters(model, bits, fake=True):
+    """{name: quantised tensor} for every weight and bias of a batched MRNet (fake: with straight-through grads)."""
+    out = {}
+    for name, p in model.named_parameters():
+        is_weight, layer = ".weights." in name, int(name.rsplit(".", 1)[1])
+        b = tensor_bits(bits, layer, is_weight)
+        out[name] = fake_quantise(p, b, is_weight) if fake else dequantise(*quantise(p, b, is_weight), is_weight)
+    return out
+
+
+def finetune(model, images, bits, epochs, lr=3e-4, batch_pixels=4096, levels=None, border="reflect", seed=0,
+             progress=None):
+    """Quantisation-aware fine-tuning of a fitted batched MR-Net on images [B, C, H, W], in place.
+
+    Every stage trains at once, through the quantiser, on every level: the loss is the sum over levels k of the
+    mean squared error of f(x, k + 1) against Gaussian level k, so a coarse stage's rounding is repaired where
+    all the finer levels see it. An epoch is one pass over the finest level's pixels in steps of `batch_pixels`
+    random pixels per level. Losses are summed over images, and Adam is per-element, so each image trains as if
+    alone. The model is left holding float weights that quantise well; store them at the same `bits`.
+    """
+    if epochs <= 0:
+        return model
+    device = next(model.parameters()).device
+    levels = levels or len(model.stages)
+    pyramid = gaussian_pyramid(images.to(device, torch.float32), levels, border=border)[::-1]
+    b, c = images.shape[:2]
+    coords = [pixel_grid(*g.shape[-2:], device=device) for g in pyramid]
+    targets = [g.permute(0, 2, 3, 1).reshape(b, -1, c) for g in pyramid]
+    n_fine = coords[-1].shape[0]
+    steps = max(1, epochs * math.ceil(n_fine / batch_pixels))
+    model.requires_grad_(True)
+    for stage in model.stages:
+        if stage.fixed_first:  # a Fourier embedding stays as drawn, as in the fit
+            stage.weights[0].requires_grad_(False)
+            stage.biases[0].requires_grad_(False)
+    optimiser = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, steps, eta_min=lr / 30)
+    generator = torch.Generator().manual_seed(seed + 2)
+    for step in range(steps):
+        weights = quantised_parameters(model, bits)
+        loss = 0.0
+        for k, (x, y) in enumerate(zip(coords, targets)):
+            if x.shape[0] > batch_pixels:
+                idx = torch.randint(x.shape[0], (batch_pixels,), generator=generator).to(device)
+                x, y = x[idx], y[:, idx]
+            out = functional_call(model, weights, (x, k + 1))
+            loss = loss + (out - y).square().mean(dim=(1, 2)).sum()
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        if progress and (step + 1) % 50 == 0:
+            progress(step + 1, steps, loss.item() / b)
+    model.requires_grad_(False)
+    return model
