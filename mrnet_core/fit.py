@@ -47,13 +47,15 @@ def loss_and_grads(stage, x, basis, target, weight, work=None):
     autograd: that keeps cos(z) from the forward pass, scales by omega on the small weight matrices instead of the
     large activations, never forms gradients for the coordinates or the frozen basis, reuses its buffers across
     steps (`work`, a dict), and skips autograd's bookkeeping. `weight` [B] scales each image's loss (0 for images
-    that stopped). Layer j computes z = omega_j (h W_j + b_j), h' = sin(z); see `network.Stage.forward`.
+    that stopped). Layer j computes z = omega_j (h W_j + b_j), h' = sin(z) or relu(z); see `network.Stage.forward`.
+    A fixed first layer (`Stage.fixed_first`) gets no gradients, and the backward pass stops above it.
     """
     work = {} if work is None else work
     weights, biases, omegas = stage.weights, stage.biases, stage.omegas
+    first = 1 if stage.fixed_first else 0  # the first layer that trains
     b, n = target.shape[:2]
-    inputs, cosines, h = [], [], x
-    for j, omega in enumerate(omegas):
+    inputs, slopes, h = [], [], x  # slopes[j]: d h' / d z of layer j, cos(z) or (z > 0)
+    for j, (omega, activation) in enumerate(zip(omegas, stage.activations)):
         inputs.append(h)
         w, bias = weights[j], biases[j].unsqueeze(1)
         z = _buffer(work, f"z{j}", (b, n, w.shape[-1]), target)
@@ -62,8 +64,12 @@ def loss_and_grads(stage, x, basis, target, weight, work=None):
             z.baddbmm_(basis, w[:, h.shape[-1] :], alpha=omega)
         else:
             torch.baddbmm(bias, h, w, beta=omega, alpha=omega, out=z)
-        cosines.append(torch.cos(z, out=_buffer(work, f"cos{j}", z.shape, z)))
-        h = z.sin_()
+        if activation == "sin":
+            slopes.append(torch.cos(z, out=_buffer(work, f"slope{j}", z.shape, z)) if j >= first else None)
+            h = z.sin_()
+        else:
+            h = z.clamp_(min=0)
+            slopes.append(torch.sign(h, out=_buffer(work, f"slope{j}", z.shape, z)))  # 1 where z > 0, else 0
     residual = torch.baddbmm(biases[-1].unsqueeze(1), h, weights[-1], out=_buffer(work, "out", target.shape, target))
     residual.sub_(target)
     count = residual.shape[1] * residual.shape[2]
@@ -72,15 +78,15 @@ def loss_and_grads(stage, x, basis, target, weight, work=None):
     weights[-1].grad = torch.bmm(h.transpose(1, 2), g)
     biases[-1].grad = g.sum(1)
     g = torch.bmm(g, weights[-1].transpose(1, 2), out=_buffer(work, f"grad{len(omegas) - 1}", h.shape, h))
-    for j in reversed(range(len(omegas))):
+    for j in reversed(range(first, len(omegas))):
         omega, w, inp = omegas[j], weights[j], inputs[j]
-        g = g.mul_(cosines[j])  # d loss / d z, up to the factor omega applied below on small matrices
+        g = g.mul_(slopes[j])  # d loss / d z, up to the factor omega applied below on small matrices
         grad = torch.bmm(inp.transpose(1, 2), g)
         if j == 1 and basis is not None:
             grad = torch.cat([grad, torch.bmm(basis.transpose(1, 2), g)], dim=1)
         weights[j].grad = grad.mul_(omega)
         biases[j].grad = g.sum(1).mul_(omega)
-        if j > 0:
+        if j > first:
             w_own = (w[:, : inp.shape[-1]] * omega).transpose(1, 2)
             g = torch.bmm(g, w_own, out=_buffer(work, f"grad{j - 1}", inp.shape, inp))
     return per_image
@@ -128,6 +134,8 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
         basis = features if model.arch.model == "m" else None
     stage = model.stages[i]
     fixed = [stage.weights[0]] if model.arch.periodic else []  # periodic frequencies stay on the integer grid
+    if stage.fixed_first:  # a Fourier embedding is fixed by design: only the layers above it train
+        fixed = [stage.weights[0], stage.biases[0]]
     optimizer = _Adam(p for p in stage.parameters() if not any(p is f for f in fixed))
     max_epochs, lr_start = cfg.per_stage("max_epochs")[i], cfg.per_stage("lr")[i]
     n = h * w

@@ -1,8 +1,11 @@
-"""MR-Nets: S-Net, L-Net and M-Net, batched over images.
+"""MR-Nets: S-Net, L-Net and M-Net, batched over images; and a Fourier-feature MLP baseline.
 
 One `MRNet` holds the weights of B images of one architecture; every weight has a leading image dimension
 and a forward pass evaluates all B networks with batched matrix products. Stage i is a small sinusoidal MLP
 g_i, and the network is f(x, t) = sum_i c_i(t) g_i(x) with c_i(t) = clamp(t - i, 0, 1).
+
+The Fourier-feature MLP ("f", Tancik et al. 2020) is built like an L-Net, but each stage's first layer is a fixed
+random embedding [sin, cos](omega_0 x W), W ~ N(0, 1), followed by ReLU hidden layers.
 """
 import json
 import math
@@ -11,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-MODELS = {"s": "S-Net", "l": "L-Net", "m": "M-Net"}
+MODELS = {"s": "S-Net", "l": "L-Net", "m": "M-Net", "f": "Fourier-feature MLP"}
 
 
 @dataclass(frozen=True)
@@ -23,7 +26,7 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class Architecture:
-    model: str  # "s", "l" or "m"
+    model: str  # "s", "l", "m" or "f"
     channels: int
     stages: tuple
     omega_hidden: float = 30.0
@@ -43,6 +46,8 @@ class Architecture:
                 raise ValueError(f"{MODELS[self.model]} stages {'have no' if self.model == 's' else 'need'} hidden layers")
             if s.first < 1 or any(h < 1 for h in s.hidden):
                 raise ValueError(f"layer widths must be positive: {s}")
+        if self.periodic and self.model == "f":
+            raise ValueError("a Fourier-feature MLP draws its own first-layer frequencies: it cannot be periodic")
 
     def layer_shapes(self, i):
         """(fan_in, fan_out) of every layer of stage i, first to output."""
@@ -105,21 +110,48 @@ def snap_periodic(model):
     return model
 
 
-class Stage(nn.Module):
-    """One sinusoidal MLP, B copies. Weights are [B, fan_in, fan_out] so that x @ W is a batched product."""
+def fourier_embedding(fan_in, fan_out, omega_0, generator):
+    """First-layer (w, b) of a Fourier-feature stage: sin(omega_0 (x w + b)) gives sin and cos pairs.
 
-    def __init__(self, shapes, omega_0, omega_hidden, batch, generator, frequencies=None):
+    The first half of the features is sin(omega_0 x W), the second half the same frequencies shifted by a quarter
+    period, i.e. cos; W ~ N(0, 1), so omega_0 plays the role of 2 pi sigma.
+    """
+    half = (fan_out + 1) // 2
+    w = torch.randn(fan_in, half, generator=generator)
+    w = torch.cat([w, w], dim=1)[:, :fan_out]
+    b = torch.zeros(fan_out)
+    b[half:] = math.pi / (2 * omega_0)
+    return w, b
+
+
+class Stage(nn.Module):
+    """One MLP, B copies. Weights are [B, fan_in, fan_out] so that x @ W is a batched product.
+
+    Layer j computes z = omega_j (h W_j + b_j), h' = activation_j(z), then a linear output layer. MR-Net stages
+    use sin throughout; a Fourier-feature stage (`fourier`) has a fixed random sin/cos first layer, never trained
+    (`fixed_first`), then ReLU layers with omega 1.
+    """
+
+    def __init__(self, shapes, omega_0, omega_hidden, batch, generator, frequencies=None, fourier=False):
         super().__init__()
-        self.omegas = [omega_0] + [omega_hidden] * (len(shapes) - 2)
+        hidden = len(shapes) - 2
+        self.omegas = [omega_0] + [1.0 if fourier else omega_hidden] * hidden
+        self.activations = ["sin"] + ["relu" if fourier else "sin"] * hidden
+        self.fixed_first = fourier
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
         for j, (fan_in, fan_out) in enumerate(shapes):
             # SIREN initialisation: the first layer spans [-1, 1] so that frequencies fill [-omega_0, omega_0];
-            # later layers keep activations in sin's well-behaved range.
+            # later layers keep activations in sin's well-behaved range. ReLU layers get Kaiming's range, which
+            # keeps the activations' scale; their output layer a smaller one, so the fit starts near 0, not at noise.
             bound = 1.0 if j == 0 else math.sqrt(6 / fan_in) / omega_hidden
+            if fourier and j > 0:
+                bound = math.sqrt((6 if j < len(shapes) - 1 else 1) / fan_in)
             w = (torch.rand(fan_in, fan_out, generator=generator) * 2 - 1) * bound
             if j == 0 and frequencies is not None:  # periodic: omega_0 * w = pi * k, k integer, one period on [-1, 1]
                 w = frequencies.t().float() * math.pi / omega_0
             b = (torch.rand(fan_out, generator=generator) * 2 - 1) / math.sqrt(fan_in)
+            if j == 0 and fourier:
+                w, b = fourier_embedding(fan_in, fan_out, omega_0, generator)
             # Every image of the batch starts from the same draw, so a batched fit equals B single fits.
             self.weights.append(nn.Parameter(w.expand(batch, -1, -1).clone()))
             self.biases.append(nn.Parameter(b.expand(batch, -1).clone()))
@@ -127,15 +159,17 @@ class Stage(nn.Module):
     def forward(self, x, basis=None):
         """x: [B, N, in] coordinates; basis: [B, N, H] previous-stage features (M-Net). Returns (g, features)."""
         h = x
-        for j, omega in enumerate(self.omegas):
+        for j, (omega, activation) in enumerate(zip(self.omegas, self.activations)):
             w, b = self.weights[j], self.biases[j].unsqueeze(1)
             if j == 1 and basis is not None:
                 # Same as concatenating [h, basis] before one product, without materialising the concatenation.
                 own = h.shape[-1]
                 z = torch.baddbmm(b, h, w[:, :own]).baddbmm_(basis, w[:, own:])
                 h = torch.sin(omega * z)
-            else:
+            elif activation == "sin":
                 h = torch.sin(torch.baddbmm(b, h, w, beta=omega, alpha=omega))
+            else:
+                h = torch.relu(torch.baddbmm(b, h, w, beta=omega, alpha=omega))
         out = torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
         return out, h
 
@@ -146,8 +180,9 @@ class MRNet(nn.Module):
         self.arch = arch
         generator = torch.Generator().manual_seed(seed)
         frequencies = periodic_frequencies(arch, generator) if arch.periodic else [None] * len(arch.stages)
+        fourier = arch.model == "f"
         self.stages = nn.ModuleList(
-            Stage(arch.layer_shapes(i), s.omega_0, arch.omega_hidden, batch, generator, frequencies[i])
+            Stage(arch.layer_shapes(i), s.omega_0, arch.omega_hidden, batch, generator, frequencies[i], fourier)
             for i, s in enumerate(arch.stages)
         )
 
