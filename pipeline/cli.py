@@ -63,11 +63,23 @@ def _free_memory(device):
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
-def cmd_fit(args):
-    overrides = load_file(args.config)[0] if args.config else {}
-    for key in ("levels", "seed"):
-        if getattr(args, key) is not None:
+# Fit keys that also have flags, on both `fit` and `encode`: compact weights and rate control.
+FIT_FLAGS = [("--weight-bits", int, "store weights at 32, 16 (float) or 2-8 bits (quantised, entropy-coded)"),
+             ("--target-bpp", float, "size each model to at most this many stored bits per pixel"),
+             ("--target-psnr", float, "the smallest model reaching this full-resolution PSNR (dB)")]
+
+
+def fit_overrides(args, overrides):
+    """overrides updated with the fit keys given as flags."""
+    for flag, _, _ in FIT_FLAGS + [("--levels", 0, 0), ("--seed", 0, 0)]:
+        key = flag[2:].replace("-", "_")
+        if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
+    return overrides
+
+
+def cmd_fit(args):
+    overrides = fit_overrides(args, load_file(args.config)[0] if args.config else {})
     cfg = make_config(args.preset, overrides, model=args.model)
     if args.size is not None and args.size < 1:
         raise ConfigError(f"--size must be a positive number of pixels, not {args.size}")
@@ -192,6 +204,12 @@ def cmd_encode(args):
     return cmd_encode(args)
 
 
+def cmd_study(args):
+    from pipeline.study import cmd_study  # here, so that the other commands never load Ray
+
+    return cmd_study(args)
+
+
 def cmd_render_collection(args):
     from pipeline.collection import render_collection
 
@@ -211,13 +229,15 @@ def build_parser():
     p = sub.add_parser("fit", help="fit one MR-Net per image; images of the same size are fitted together")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", choices=sorted(MODELS), help="m: M-Net (default), l: L-Net, s: S-Net")
+    p.add_argument("--model", choices=sorted(MODELS), help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP")
     p.add_argument("--preset", default="default", help="default, fast or texture")
     p.add_argument("--config", help="TOML or JSON file of config keys (see README)")
     p.add_argument("--size", type=int, help="resize so that the long side is S pixels")
     p.add_argument("--levels", type=int, help="number of levels (stages)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    for flag, kind, text in FIT_FLAGS:
+        p.add_argument(flag, type=kind, help=text)
     p.set_defaults(run=cmd_fit)
 
     p = sub.add_parser("render", help="render a model at any size, window and level of detail")
@@ -249,10 +269,21 @@ def build_parser():
                              ("--num-gpus", float, "GPUs per actor"), ("--actors", int, "most fitting actors"),
                              ("--batch-size", int, "images per actor call"), ("--max-pixels", int, "over it: fail")]:
         p.add_argument(flag, type=kind, help=text)
+    for flag, kind, text in FIT_FLAGS:
+        p.add_argument(flag, type=kind, help=text)
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
     p.set_defaults(run=cmd_encode)
+
+    p = sub.add_parser("study", help="rate-distortion sweep over a grid of configs, against JPEG, WebP and AVIF")
+    p.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs")
+    p.add_argument("--out", required=True, help="output folder (local)")
+    p.add_argument("--grid", required=True, help="TOML/JSON: [job], [fit], [grid] lists, [[config]] variants")
+    p.add_argument("--size", type=int, help="resize the long side to S (overrides the grid's job.size)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
+    p.add_argument("--experiment", help="MLflow experiment (default: mrnet-study-<OUT's folder name>)")
+    p.set_defaults(run=cmd_study)
 
     p = sub.add_parser("render-collection", help="thumbnails per level, comparison with codecs, and report.html")
     p.add_argument("out", metavar="OUT", help="an `mrnet encode` output folder (local)")

@@ -33,7 +33,7 @@ from mrnet_core.pyramid import level_sizes
 from . import store
 from .sources import filesystem, list_images, read_bytes
 
-FORMAT = 1  # bump when a change to this pipeline changes what a row holds
+FORMAT = 2  # bump when a change to this pipeline changes what a row holds
 LISTING_CHUNK = 10_000
 READ_BATCH = 16
 
@@ -106,11 +106,12 @@ class Encoder:
                 return [row for item in items for row in self.fit([item])]
             return [{"uri": items[0]["uri"], "stage": "fit", "error_kind": type(e).__name__,
                      "message": f"{items[0]['uri']}: {e}"}]
-        arch = json.dumps(self.cfg.architecture(c).to_dict())
         return [{
             "image_id": item["image_id"], "uri": item["uri"], "config_id": self.cfg_id,
-            "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": arch, "weights": blob,
-            "params": rec["params"], "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
+            "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": rec["architecture"],
+            "weights": blob, "params": rec["params"], "weight_bits": rec["weight_bits"],
+            "width_scale": rec.get("rate", {}).get("scale"), "target_met": rec.get("rate", {}).get("met"),
+            "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
             "file_bytes": item["file_bytes"], "bpp": rec["bpp"],
             "psnr": [lv["psnr"] for lv in rec["levels"]], "ssim": [lv["ssim"] for lv in rec["levels"]],
             "fit_seconds": rec["fit_seconds"], "batch": rec["batch"],
@@ -273,13 +274,18 @@ def read_config_file(path):
     job = tables.pop("job", {})
     if tables:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(tables)}; use [fit] and [job]")
+    return fit, check_job(job)
+
+
+def check_job(job):
+    """The [job] table, each key known and of the right type; ConfigError otherwise."""
     for k, v in job.items():
         if k not in JOB_KEYS:
             raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")
         if not isinstance(v, JOB_KEYS[k]) and not (JOB_KEYS[k] is float and isinstance(v, int)) or \
                 isinstance(v, bool):
             raise ConfigError(f"job.{k}: must be {JOB_KEYS[k].__name__}, not {v!r}")
-    return fit, job
+    return job
 
 
 def resolve(args):
@@ -288,8 +294,9 @@ def resolve(args):
     for k in JOB_KEYS:
         if getattr(args, k, None) is not None:
             job[k] = getattr(args, k)
-    if getattr(args, "levels", None) is not None:
-        fit["levels"] = args.levels
+    from .cli import fit_overrides
+
+    fit = fit_overrides(args, fit)
     cfg = make_config(job.pop("preset", "default"), fit, model=getattr(args, "model", None))
     for k in ("size", "max_pixels", "batch_size", "actors", "num_cpus"):
         if job.get(k) is not None and job[k] <= 0:

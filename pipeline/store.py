@@ -31,6 +31,9 @@ ENCODINGS = pa.schema([
     ("architecture", pa.string()),  # JSON, mrnet_core.network.Architecture.to_dict()
     ("weights", pa.binary()),  # the .mrnet model file: mrnet_core.modelfile.from_bytes(weights)
     ("params", pa.int64()),
+    ("weight_bits", pa.int32()),  # 32 or 16: float weights; 2 to 8: quantised and entropy-coded
+    ("width_scale", pa.float64()),  # rate control: the widths used, relative to the config's; null without
+    ("target_met", pa.bool_()),  # rate control: whether the bpp / PSNR targets were met; null without
     ("model_bytes", pa.int64()),
     ("raw_bytes", pa.int64()),
     ("file_bytes", pa.int64()),

@@ -75,8 +75,9 @@ def git_commit():
         return "unknown"
 
 
-def start(out, experiment=None, log=print):
-    """Open the job's run (status RUNNING). Returns a dict for finish(); never raises."""
+def start(out, experiment=None, log=print, command="encode", parent=None):
+    """Open the job's run (status RUNNING), nested under run `parent` if given. Returns a dict for finish(); never
+    raises."""
     name = experiment or f"mrnet-{os.path.basename(out.rstrip('/')) or 'encode'}"
     tracker = {"experiment": name, "tracking_uri": tracking_uri(out), "run_id": None, "error": None}
 
@@ -84,9 +85,11 @@ def start(out, experiment=None, log=print):
         client = client_for(out)
         exp = experiment_id(client, name, out)
         commit = git_commit()
-        run = client.create_run(exp, run_name=f"encode {time.strftime('%Y-%m-%d %H:%M:%S')}",
-                                tags={"mlflow.source.git.commit": commit, "git_commit": commit,
-                                      "mlflow.source.name": "mrnet encode", "out": out})
+        tags = {"mlflow.source.git.commit": commit, "git_commit": commit,
+                "mlflow.source.name": f"mrnet {command.split()[0]}", "out": out}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = client.create_run(exp, run_name=f"{command} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags)
         return run.info.run_id
 
     tracker["run_id"], tracker["error"] = retried("open run", open_run, log)

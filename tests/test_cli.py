@@ -73,6 +73,8 @@ def test_render_any_size_level_and_window(fitted, tmp_path):
         (["fit", "samples/camera.png", "--out", "o", "--preset", "huge"], "unknown preset"),
         (["fit", "samples/camera.png", "--out", "o", "--model", "q"], "invalid choice"),
         (["fit", "samples/camera.png", "--out", "o", "--size", "0"], "--size must be a positive"),
+        (["fit", "samples/camera.png", "--out", "o", "--weight-bits", "12"], "weight_bits: must be one of"),
+        (["fit", "samples/camera.png", "--out", "o", "--preset", "texture", "--weight-bits", "8"], "periodic"),
         (["render", "nothing.mrnet", "--out", "x.png"], "nothing.mrnet: cannot read"),
         (["render", "samples/camera.png", "--out", "x.png"], "not an .mrnet model file"),
     ],
@@ -95,3 +97,14 @@ def test_config_file_is_validated(tmp_path):
     cfg.write_text("lr = 1e-3\nwidths = [1, 2]\n")
     result = mrnet("fit", "samples/camera.png", "--out", tmp_path / "o", "--config", cfg)
     assert result.returncode == 2 and "widths: unknown config key" in result.stderr
+
+
+def test_fit_to_a_target_rate_writes_a_model_within_it(tmp_path):
+    out = tmp_path / "o"
+    result = mrnet("fit", "samples/chelsea.png", "--out", out, "--preset", "fast", "--size", "40", "--levels", "2",
+                   "--target-bpp", "4")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "metrics.json").read_text())[0]
+    size = (out / "chelsea.mrnet").stat().st_size
+    assert record["model_bytes"] == size and 8 * size / (40 * 27) <= 4 and record["weight_bits"] == 8
+    assert record["rate"]["met"] and len(record["levels"]) == 2

@@ -85,10 +85,18 @@ def test_codec_quality_is_the_highest_that_fits_the_budget():
     image = sample("astronaut.png", 64)
     pil = cmp.to_pil(image)
     for codec in cmp.CODECS:
-        budget = len(cmp.encode_with(pil, codec, 50)) + 1
-        quality, data = cmp.fit_budget(pil, codec, budget)
-        assert len(data) <= budget and quality >= 50
-        assert len(cmp.encode_with(pil, codec, quality + 1)) > budget
+        for options in cmp.OPTIONS[codec]:
+            budget = len(cmp.encode_with(pil, codec, 50, options)) + 1
+            quality, data = cmp.fit_budget(pil, codec, budget, options)
+            assert len(data) <= budget and quality >= 50
+            assert len(cmp.encode_with(pil, codec, quality + 1, options)) > budget
+        # At a budget, the best of the codec's settings counts
+        budget = 600
+        row = cmp.codec_at_budget(image, codec, budget)
+        for options in cmp.OPTIONS[codec]:
+            quality, data = cmp.fit_budget(pil, codec, budget, options)
+            if quality is not None:
+                assert row[f"{codec}_psnr"] >= cmp.score(cmp.decoded(data, 3), image)[0]
         row = cmp.codec_at_budget(image, codec, 10)  # below even the lowest quality
         assert row[f"{codec}_psnr"] is None and "over the budget of 10" in row[f"{codec}_note"]
 

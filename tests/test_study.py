@@ -1,0 +1,87 @@
+"""`mrnet study`: a grid of configs through the real pipeline, nested MLflow runs, and the study's table."""
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline.cli import main
+from pipeline.study import read_grid
+
+GRID = """
+[job]
+preset = "fast"
+size = 32
+[fit]
+levels = 2
+max_epochs = [40, 40]
+qat_epochs = 2
+[grid]
+target_bpp = [3.0, 8.0]
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_grid_crosses_variants_with_grid_points_and_rejects_bad_keys(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(GRID + '[[config]]\nname = "mnet"\n[[config]]\nname = "siren"\nlevels = 1\nhidden_layers = 2\n')
+    configs, job = read_grid(path)
+    assert [n for n, _ in configs] == ["mnet-target_bpp=3.0", "mnet-target_bpp=8.0", "siren-target_bpp=3.0",
+                                       "siren-target_bpp=8.0"]
+    assert configs[2][1].levels == 1 and configs[2][1].hidden_layers == 2 and configs[3][1].target_bpp == 8.0
+    assert job == {"preset": "fast", "size": 32}
+    for text, reason in [(GRID + "[extra]\na = 1\n", "unknown table"),
+                         (GRID + '[[config]]\nname = "x"\nwidht = 3\n', "config x-target_bpp=3.0: widht: unknown"),
+                         (GRID.replace("[3.0, 8.0]", "3.0"), "non-empty list"),
+                         (GRID + "[[config]]\nname = 'v'\ngrid = { target_bpp = 2 }\n", "config v: grid"),
+                         (GRID + "[[config]]\nname = 'a'\n[[config]]\nname = 'a'\n", "repeat")]:
+        path.write_text(text)
+        with pytest.raises(Exception, match=reason):
+            read_grid(path)
+
+
+def test_study_runs_every_config_through_the_pipeline_and_nests_its_runs(tmp_path, samples, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for name in ("astronaut.png", "coffee.png"):
+        shutil.copy(samples / name, src / name)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    assert main(["study", str(src), "--out", str(out), "--grid", str(grid)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = pq.read_table(out / "study.parquet").to_pylist()
+    assert len(rows) == 4 and {r["config"] for r in rows} == {"config0-target_bpp=3.0", "config0-target_bpp=8.0"}
+    for r in rows:
+        assert r["bpp"] <= r["target_bpp"] and len(r["psnr"]) == 2
+    mean = {c: sum(r["bpp"] for r in rows if r["config"] == c) / 2 for c in {r["config"] for r in rows}}
+    assert mean["config0-target_bpp=8.0"] > 1.5 * mean["config0-target_bpp=3.0"]
+    for name in ("config0-target_bpp=3.0", "config0-target_bpp=8.0"):
+        encoded = pq.read_table(out / "configs" / name / "encodings").to_pylist()
+        assert len(encoded) == 2 and all(e["target_met"] and e["weight_bits"] == 8 and 0 < e["width_scale"]
+                                         for e in encoded)
+    html = (out / "study.html").read_text()
+    assert "config0-target_bpp=3.0" in html and "<svg" not in html  # the plot is an embedded data URI
+
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("mrnet-study-out").experiment_id])
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow"]["run_id"]]
+    assert len(parent) == 1 and parent[0].info.run_id == summary["mlflow"]["run_id"] and len(children) == 2
+    assert parent[0].info.status == "FINISHED" and "config0-target_bpp_8.0/psnr" in parent[0].data.metrics
+    assert all(c.info.status == "FINISHED" and "psnr/level_1/mean" in c.data.metrics for c in children)
+    assert {c.data.params["fit.target_bpp"] for c in children} == {"3.0", "8.0"}
+
+    # A rerun encodes nothing again and adds no rows.
+    assert main(["study", str(src), "--out", str(out), "--grid", str(grid)]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert all(c["done"] == 0 and c["skipped"] == 2 for c in again["configs"].values())
+    assert len(pq.read_table(out / "study.parquet")) == 4
