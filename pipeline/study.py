@@ -35,7 +35,7 @@ CODEC_COLORS = {"jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
 
 
 def read_grid(path):
-    """[(name, fit overrides)], job settings: every [[config]] variant crossed with every [grid] combination.
+    """[(name, variant, FitConfig)], job settings: every [[config]] variant crossed with every [grid] combination.
 
     Each config is resolved here, so a bad key or value is one ConfigError before any work starts.
     """
@@ -70,8 +70,8 @@ def read_grid(path):
                 cfg = make_config(job.get("preset", "default"), overrides)
             except ConfigError as e:
                 raise ConfigError(f"{path}: config {name}: {e}") from None
-            configs.append((name, cfg))
-    names = [n for n, _ in configs]
+            configs.append((name, base, cfg))
+    names = [n for n, _, _ in configs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: config names repeat; give each [[config]] its own name")
     return configs, job
@@ -84,7 +84,7 @@ def folder_of(out, name):
 def study_rows(out, configs):
     """One row per (config, image) compared: the config's name and keys beside the comparison figures."""
     rows = []
-    for name, cfg in configs:
+    for name, variant, cfg in configs:
         folder = folder_of(out, name)
         manifest = store.read_json(folder, "manifest.json")
         cfg_id = manifest.get("last_run", {}).get("config_id")
@@ -92,7 +92,7 @@ def study_rows(out, configs):
             continue
         for r in store.read_table(folder, "comparison/images", filter=pads.field("config_id") == cfg_id,
                                   schema=IMAGES).to_pylist():
-            rows.append({"config": name, "model": cfg.model, "levels": cfg.levels, "weight_bits": cfg.weight_bits,
+            rows.append({"config": name, "variant": variant, "model": cfg.model, "levels": cfg.levels, "weight_bits": cfg.weight_bits,
                          "target_bpp": cfg.target_bpp or None, **r})
     return rows
 
@@ -100,12 +100,12 @@ def study_rows(out, configs):
 def summary_table(rows, configs):
     """Per config: mean bpp, mean PSNR per level, each codec's mean PSNR at the same bytes, and JPEG wins."""
     out = []
-    for name, _ in configs:
+    for name, variant, _ in configs:
         mine = [r for r in rows if r["config"] == name and r["psnr"]]
         if not mine:
             continue
         levels = max(len(r["psnr"]) for r in mine)
-        entry = {"config": name, "images": len(mine), "bpp": statistics.fmean(r["bpp"] for r in mine),
+        entry = {"config": name, "variant": variant, "images": len(mine), "bpp": statistics.fmean(r["bpp"] for r in mine),
                  "psnr": [statistics.fmean(r["psnr"][k] for r in mine if len(r["psnr"]) == levels) for k in range(levels)]}
         for c in CODECS:
             scored = [r[f"{c}_psnr"] for r in mine if r[f"{c}_psnr"] is not None]
@@ -117,9 +117,11 @@ def summary_table(rows, configs):
 
 
 def rd_svg(table, curves):
+    """Each variant's mean (bpp, PSNR) at each of its rates as one line, beside each codec's mean curve."""
     series = []
-    for i, entry in enumerate(table):
-        series.append((entry["config"], PALETTE[i % len(PALETTE)], [(entry["bpp"], entry["psnr"][-1])], "points"))
+    for i, variant in enumerate(dict.fromkeys(e["variant"] for e in table)):
+        points = sorted((e["bpp"], e["psnr"][-1]) for e in table if e["variant"] == variant)
+        series.append((variant, PALETTE[i % len(PALETTE)], points, "line"))
     for codec in CODECS:
         points = {}
         for c in curves:
@@ -129,7 +131,7 @@ def rd_svg(table, curves):
                 for _, p in sorted(points.items())]
         series.append((f"{NAMES[codec]} (mean)", CODEC_COLORS[codec], mean, "line"))
     return svg_plot(series, "bits per pixel (log scale)", "PSNR (dB), full resolution, mean over images", logx=True,
-                    title="Rate-distortion: every config against the codecs")
+                    title="Rate-distortion: each variant against the codecs")
 
 
 def html_table(table):
@@ -160,7 +162,7 @@ def write_study(out, configs):
         pq.write_table(pa.Table.from_pylist(rows), tmp)
         os.replace(tmp, os.path.join(out, "study.parquet"))
     curves = []
-    for name, _ in configs[:1]:  # the codecs' curves are the same images whatever the config
+    for name, _, _ in configs[:1]:  # the codecs' curves are the same images whatever the config
         curves = store.read_table(folder_of(out, name), "comparison/curves", schema=CURVES).to_pylist()
     table = summary_table(rows, configs)
     svg = rd_svg(table, curves)
@@ -179,7 +181,7 @@ codec's. Each config's own report is configs/&lt;name&gt;/report.html.</p>
 <h2>Configs</h2>
 {html_table(table)}
 <h2>Settings</h2>
-<pre>{esc(json.dumps({name: cfg.to_dict() for name, cfg in configs}, indent=1))}</pre>
+<pre>{esc(json.dumps({name: cfg.to_dict() for name, _, cfg in configs}, indent=1))}</pre>
 {CHECK_SCRIPT}
 </body></html>
 """
@@ -216,7 +218,7 @@ def sweep(args, configs, job, out, log):
     experiment = args.experiment or f"mrnet-study-{os.path.basename(out.rstrip('/'))}"
     parent = track.start(out, experiment, log, command="study")
     results = {}
-    for i, (name, cfg) in enumerate(configs):
+    for i, (name, _, cfg) in enumerate(configs):
         folder = folder_of(out, name)
         log(f"study: config {i + 1}/{len(configs)}: {name} -> {folder}")
         child = track.start(folder, experiment, log, command=f"study {name}", parent=parent["run_id"])

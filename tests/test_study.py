@@ -33,9 +33,10 @@ def test_grid_crosses_variants_with_grid_points_and_rejects_bad_keys(tmp_path):
     path = tmp_path / "grid.toml"
     path.write_text(GRID + '[[config]]\nname = "mnet"\n[[config]]\nname = "siren"\nlevels = 1\nhidden_layers = 2\n')
     configs, job = read_grid(path)
-    assert [n for n, _ in configs] == ["mnet-target_bpp=3.0", "mnet-target_bpp=8.0", "siren-target_bpp=3.0",
+    assert [n for n, _, _ in configs] == ["mnet-target_bpp=3.0", "mnet-target_bpp=8.0", "siren-target_bpp=3.0",
                                        "siren-target_bpp=8.0"]
-    assert configs[2][1].levels == 1 and configs[2][1].hidden_layers == 2 and configs[3][1].target_bpp == 8.0
+    assert configs[2][1] == "siren" and configs[2][2].levels == 1 and configs[2][2].hidden_layers == 2
+    assert configs[3][2].target_bpp == 8.0
     assert job == {"preset": "fast", "size": 32}
     for text, reason in [(GRID + "[extra]\na = 1\n", "unknown table"),
                          (GRID + '[[config]]\nname = "x"\nwidht = 3\n', "config x-target_bpp=3.0: widht: unknown"),
