@@ -53,7 +53,8 @@ class FitConfig:
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, not {getattr(self, key)!r}")
         if self.periodic and self.weight_bits <= 8:
-            raise ConfigError("weight_bits: periodic models keep float weights (32 or 16) so their frequencies stay integers")
+            raise ConfigError("weight_bits: periodic models keep float weights (32 or 16): their frequencies stay "
+                              "integers")
         if self.target == "laplacian" and self.model == "m":
             raise ConfigError("target: M-Net stages build on each other and need gaussian targets")
         if self.periodic and self.model == "f":

@@ -120,7 +120,8 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0):
     if [list(s) for s in meta["levels"]] != expected["levels"]:
         raise ValueError(f"meta levels {meta['levels']} do not follow from the size and stage count")
     parts = [_header(arch, meta, bits)]
-    tensors = [(t[index : index + 1], is_weight, tensor_bits(bits, j, is_weight)) for t, is_weight, j in _tensors(model)]
+    tensors = [(t[index : index + 1], is_weight, tensor_bits(bits, j, is_weight))
+               for t, is_weight, j in _tensors(model)]
     if bits > 8:
         dtype = "<f4" if bits == 32 else "<f2"
         parts += [t[0].detach().cpu().numpy().astype(dtype).tobytes() for t, _, _ in tensors]

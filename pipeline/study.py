@@ -53,8 +53,6 @@ def read_grid(path):
     variants = data.get("config", [{}])
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ConfigError(f"{path}: config must be an array of tables ([[config]])")
-    if not all(isinstance(v, list) and v for v in grid.values()):
-        raise ConfigError(f"{path}: every [grid] key needs a non-empty list of values")
     configs = []
     for i, variant in enumerate(variants):
         variant = dict(variant)
@@ -92,8 +90,8 @@ def study_rows(out, configs):
             continue
         for r in store.read_table(folder, "comparison/images", filter=pads.field("config_id") == cfg_id,
                                   schema=IMAGES).to_pylist():
-            rows.append({"config": name, "variant": variant, "model": cfg.model, "levels": cfg.levels, "weight_bits": cfg.weight_bits,
-                         "target_bpp": cfg.target_bpp or None, **r})
+            rows.append({"config": name, "variant": variant, "model": cfg.model, "levels": cfg.levels,
+                         "weight_bits": cfg.weight_bits, "target_bpp": cfg.target_bpp or None, **r})
     return rows
 
 
@@ -105,8 +103,9 @@ def summary_table(rows, configs):
         if not mine:
             continue
         levels = max(len(r["psnr"]) for r in mine)
+        full = [r for r in mine if len(r["psnr"]) == levels]
         entry = {"config": name, "variant": variant, "images": len(mine), "bpp": statistics.fmean(r["bpp"] for r in mine),
-                 "psnr": [statistics.fmean(r["psnr"][k] for r in mine if len(r["psnr"]) == levels) for k in range(levels)]}
+                 "psnr": [statistics.fmean(r["psnr"][k] for r in full) for k in range(levels)]}
         for c in CODECS:
             scored = [r[f"{c}_psnr"] for r in mine if r[f"{c}_psnr"] is not None]
             entry[c] = statistics.fmean(scored) if scored else None
