@@ -9,7 +9,7 @@ from .metrics import psnr, seam, ssim
 from .modelfile import from_bytes, to_bytes
 from .pyramid import gaussian_pyramid, level_sizes
 from .quantize import finetune
-from .rate import encode_at_rate
+from .rate import encode_at_rate, within_budget
 from .render import render
 
 
@@ -29,23 +29,24 @@ def level_metrics(model, images, cfg: FitConfig):
     return rows
 
 
-def encode(images, cfg: FitConfig, device=None, progress=None):
+def encode(images, cfg: FitConfig, device=None, progress=None, budget=None):
     """Fit one MR-Net per image of [B, C, H, W]: (records, model files as bytes), one of each per image.
 
     Weights of 8 bits or fewer are fine-tuned through the quantiser after the fit (`cfg.qat_epochs`); a rate target
-    (`cfg.target_bpp`, `cfg.target_psnr`) sizes each image's model instead (`rate.encode_at_rate`).
+    (`cfg.target_bpp`, `cfg.target_psnr`) sizes each image's model instead (`rate.encode_at_rate`), and `budget`
+    (bytes) coarsens each quantised model's steps until its file fits (`rate.within_budget`).
     `model_bytes` is the real size of the stored model file, and the levels' quality is that of the stored model;
     times are the batch's wall time shared evenly among its images (`batch` says how many were fitted together).
     """
     if cfg.target_bpp or cfg.target_psnr:
-        return encode_at_rate(images, cfg, lambda im, c: encode(im, c, device, progress))
+        return encode_at_rate(images, cfg, lambda im, c, budget: encode(im, c, device, progress, budget))
     start = time.perf_counter()
     model, reports = fit(images, cfg, device=device, progress=progress)
     if cfg.weight_bits <= 8:
         finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or 4096, cfg.levels,
                  cfg.border, cfg.seed)
     seconds = time.perf_counter() - start
-    records, blobs = measure(model, images, cfg)
+    records, blobs = measure(model, images, cfg, budget=budget)
     for i, r in enumerate(records):
         r.update(fit_seconds=round(seconds / len(records), 3), batch=len(records),
                  stages=[{"params": s.params, "epochs": s.epochs[i], "seconds": round(s.seconds / len(records), 3)}
@@ -53,15 +54,18 @@ def encode(images, cfg: FitConfig, device=None, progress=None):
     return records, blobs
 
 
-def measure(model, images, cfg: FitConfig, bits=None):
+def measure(model, images, cfg: FitConfig, bits=None, budget=None):
     """(records, model files) of a fitted batched model stored at `bits` (default cfg.weight_bits): sizes, and
     every level's quality measured on the stored model, not the trained one. `model` ends up holding the stored
-    weights."""
+    weights. With a `budget` (bytes; quantised weights only) records say how much coarser the steps had to be."""
     bits = bits or cfg.weight_bits
     b, c, h, w = images.shape
     meta = {"width": w, "height": h, "channels": c, "border": cfg.border,
             "levels": [list(size) for size in level_sizes(h, w, levels=cfg.levels)[::-1]]}
-    blobs = [to_bytes(model, meta, bits, index=i) for i in range(b)]
+    if budget:
+        blobs, coarser = zip(*(within_budget(model, meta, bits, i, budget) for i in range(b)))
+    else:
+        blobs, coarser = [to_bytes(model, meta, bits, index=i) for i in range(b)], None
     if bits != 32:
         with torch.no_grad():
             for i, blob in enumerate(blobs):
@@ -72,4 +76,6 @@ def measure(model, images, cfg: FitConfig, bits=None):
                 "params": model.arch.params(),
                 "weight_bits": bits, "model_bytes": len(blob), "raw_bytes": w * h * c,
                 "bpp": round(8 * len(blob) / (w * h), 4), "levels": levels[i]} for i, blob in enumerate(blobs)]
+    for r, k in zip(records, coarser or ()):
+        r["coarser"] = k
     return records, blobs

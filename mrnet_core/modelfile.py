@@ -3,7 +3,7 @@
 Layout (all numbers little-endian):
 
     magic     8 bytes  b"\\x89MRNET\\r\\n"
-    version   uint32   2
+    version   uint32   3
     header    model (ASCII s/l/m/f), channels, in_features, flags (1: periodic, 2: wrap border) as four uint8;
               omega_hidden float32; width, height uint32; stage count uint8; per stage: first-layer width
               uint16, hidden-layer count uint8, omega_0 float32, hidden widths uint16 each; weight bits uint8
@@ -11,8 +11,8 @@ Layout (all numbers little-endian):
               of `Architecture.layer_shapes`):
               bits 32 or 16: raw float32 or float16 arrays;
               bits 2 to 8 (first-layer weights and biases: `quantize.FINE_BITS`): for every tensor its step
-              codes (uint8, one per output column of a weight, one per bias; see `quantize`), then for every
-              tensor the spread of its symbols (a uint8 code), then the word
+              code (uint8; see `quantize`), then for every tensor the spread of its symbols (a uint8 code), then
+              the word
               count (uint32) and the symbols of all tensors, range-coded (uint32 words) under a zero-mean
               quantised Gaussian per tensor, or a uniform model where that is cheaper (spread code 0).
               Decoding is exact: the symbols come back bit for bit.
@@ -39,7 +39,7 @@ from .pyramid import level_sizes
 from .quantize import code_to_value, dequantise, max_symbol, quantise, tensor_bits, value_to_code
 
 MAGIC = b"\x89MRNET\r\n"
-VERSION = 2
+VERSION = 3
 BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
 MAX_PARAMS = 50_000_000  # 200 MB of float32: far beyond any MR-Net, small enough to refuse hostile headers
 MIN_SPREAD = 0.25  # the Gaussian's standard deviation, in steps, never goes below this
@@ -109,8 +109,11 @@ def _meta(arch, width, height, border):
             "levels": [list(s) for s in sizes]}
 
 
-def to_bytes(model: MRNet, meta: dict, bits=32, index=0):
-    """Serialise image `index` of a (batched) MRNet with weights at `bits` (32, 16, or 2 to 8: quantised)."""
+def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0):
+    """Serialise image `index` of a (batched) MRNet with weights at `bits` (32, 16, or 2 to 8: quantised).
+
+    `coarser` (quantised only) raises the steps of the tensors at `bits` by that many codes (`quantize.quantise`).
+    """
     if bits not in BITS:
         raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, not {bits!r}")
     arch = model.arch
@@ -120,17 +123,16 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0):
     if [list(s) for s in meta["levels"]] != expected["levels"]:
         raise ValueError(f"meta levels {meta['levels']} do not follow from the size and stage count")
     parts = [_header(arch, meta, bits)]
-    tensors = [(t[index : index + 1], is_weight, tensor_bits(bits, j, is_weight))
-               for t, is_weight, j in _tensors(model)]
+    tensors = [(t[index : index + 1], tensor_bits(bits, j, is_weight)) for t, is_weight, j in _tensors(model)]
     if bits > 8:
         dtype = "<f4" if bits == 32 else "<f2"
-        parts += [t[0].detach().cpu().numpy().astype(dtype).tobytes() for t, _, _ in tensors]
+        parts += [t[0].detach().cpu().numpy().astype(dtype).tobytes() for t, _ in tensors]
         return b"".join(parts)
-    codes, symbols = zip(*(quantise(t, b, is_weight) for t, is_weight, b in tensors))
+    codes, symbols = zip(*(quantise(t, b, coarser if b == bits else 0) for t, b in tensors))
     symbols = [s.cpu().numpy().ravel().astype(np.int32) for s in symbols]
-    spreads = [_spread_code(s, b) for s, (_, _, b) in zip(symbols, tensors)]
+    spreads = [_spread_code(s, b) for s, (_, b) in zip(symbols, tensors)]
     encoder = constriction.stream.queue.RangeEncoder()
-    for s, spread, (_, _, b) in zip(symbols, spreads, tensors):
+    for s, spread, (_, b) in zip(symbols, spreads, tensors):
         _coder(b, spread)[0](encoder, s)
     words = encoder.get_compressed()
     parts += [c.cpu().numpy().astype(np.uint8).tobytes() for c in codes]
@@ -185,7 +187,7 @@ def _decode(payload, arch, bits, fail):
         values = np.frombuffer(payload, "<f4" if bits == 32 else "<f2").astype(np.float32)
         sizes = np.cumsum([math.prod(s) for s, _, _ in shapes])[:-1]
         return [v.reshape(s) for v, (s, _, _) in zip(np.split(values, sizes), shapes)]
-    n_codes = sum(s[-1] if is_weight else 1 for s, is_weight, _ in shapes)
+    n_codes = len(shapes)
     head = n_codes + len(shapes) + 4
     if len(payload) < head:
         raise fail(f"payload is {len(payload)} bytes, shorter than its {head} bytes of steps (truncated)")
@@ -195,16 +197,14 @@ def _decode(payload, arch, bits, fail):
     codes = torch.from_numpy(np.frombuffer(payload, np.uint8, n_codes).copy())
     spreads = np.frombuffer(payload, np.uint8, len(shapes), n_codes)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4", n_words, head).astype(np.uint32))
-    values, at = [], 0
-    for (shape, is_weight, j), spread in zip(shapes, spreads.tolist()):
+    values = []
+    for (shape, is_weight, j), code, spread in zip(shapes, codes, spreads.tolist()):
         n = math.prod(shape)
         try:
             symbols = _coder(tensor_bits(bits, j, is_weight), int(spread))[1](decoder, n)
         except (AssertionError, ValueError) as e:
             raise fail(f"weights do not decode: {e}") from None
-        k = shape[-1] if is_weight else 1
-        values.append(dequantise(codes[at : at + k], torch.from_numpy(symbols.reshape(shape)), is_weight).numpy())
-        at += k
+        values.append(dequantise(code[None], torch.from_numpy(symbols.reshape(1, *shape)))[0].numpy())
     return values
 
 

@@ -1,9 +1,11 @@
-"""Weight quantisation: uniform steps per output column, and quantisation-aware fine-tuning.
+"""Weight quantisation: one uniform step per tensor, and quantisation-aware fine-tuning.
 
-A weight [fan_in, fan_out] gets one step per output column, a bias one step for the whole vector; a value is
-stored as the integer round(w / step), |symbol| <= 2^(bits-1) - 1. Steps are themselves coded in one byte on a
-log scale (a factor 2^(1/8) apart), so a column costs 8 bits of side information. Everything here works on
-batched weights [B, ...] so a whole batch of models is quantised, and fine-tuned, at once.
+Every weight matrix and bias vector gets one step; a value is stored as the integer round(w / step),
+|symbol| <= 2^(bits-1) - 1. The step is itself coded in one byte on a log scale (a factor 2^(1/8) apart). One step
+per tensor rather than per output column: sine-network columns are drawn from the same range and stay close to
+it, so per-column steps bought 0.01-0.02 dB at 8 bits while costing a byte per column, which is 6% of a
+0.2 bpp model (docs/performance.md). Everything here works on batched weights [B, ...] so a whole batch of
+models is quantised, and fine-tuned, at once.
 """
 import math
 
@@ -31,47 +33,56 @@ def value_to_code(value):
     return code.clamp(0, 255).to(torch.uint8)
 
 
-def quantise(w, bits, is_weight):
-    """(step codes, symbols) of batched weights [B, fan_in, fan_out] (is_weight) or biases [B, n]."""
+def quantise(w, bits, coarser=0):
+    """(step codes [B], symbols) of a batch of tensors [B, ...]: one step per tensor of each model.
+
+    The step is the smallest code that keeps the tensor's peak in range, raised by `coarser` codes (each a factor
+    2^(1/8)): rate control's last, fine knob, which trades a little precision for bytes without fitting again.
+    """
     w = w.detach().float()
-    peak = w.abs().amax(dim=-2) if is_weight else w.abs().amax(dim=-1, keepdim=True)
-    codes = value_to_code(peak / max_symbol(bits))
-    step = code_to_value(codes).to(w.device)
-    step = step.unsqueeze(-2) if is_weight else step
-    symbols = torch.round(w / step).clamp_(-max_symbol(bits), max_symbol(bits)).to(torch.int32)
-    return codes, symbols
+    codes = value_to_code(w.abs().flatten(1).amax(dim=1) / max_symbol(bits))
+    codes = (codes.int() + coarser).clamp(0, 255).to(torch.uint8)
+    symbols = torch.round(w / _per_model(code_to_value(codes), w)).clamp_(-max_symbol(bits), max_symbol(bits))
+    return codes, symbols.to(torch.int32)
 
 
-def dequantise(codes, symbols, is_weight):
-    step = code_to_value(codes).to(symbols.device)
-    return symbols.float() * (step.unsqueeze(-2) if is_weight else step)
+def _per_model(step, like):
+    """step [B] shaped to broadcast over a batch of tensors like `like`."""
+    return step.to(like.device).view(-1, *[1] * (like.dim() - 1))
 
 
-def fake_quantise(w, bits, is_weight):
+def dequantise(codes, symbols):
+    return symbols.float() * _per_model(code_to_value(codes), symbols)
+
+
+def fake_quantise(w, bits):
     """w rounded onto its quantisation grid in the forward pass, identity in the backward (straight-through)."""
-    q = dequantise(*quantise(w, bits, is_weight), is_weight)
+    q = dequantise(*quantise(w, bits))
     return w + (q - w).detach()
 
 
-FINE_BITS = 12
+FINE_BITS = 10
 
 
 def tensor_bits(bits, layer, is_weight):
     """The bits of one tensor: first-layer weights and all biases get FINE_BITS.
 
     Both are multiplied by omega (30 or so) inside a sine, so a step there is a large phase error: at 6 bits, rounding
-    just the biases of a fitted model costs 5 dB, and they are a few percent of the parameters.
+    just the biases of a fitted model costs 5 dB. They are a few percent of the parameters; 10 bits cost 0.03 dB
+    against 12 on a 0.2 bpp model before fine-tuning (docs/performance.md).
     """
     return FINE_BITS if (layer == 0 or not is_weight) else bits
 
 
-def quantised_parameters(model, bits, fake=True):
-    """{name: quantised tensor} for every weight and bias of a batched MRNet (fake: with straight-through grads)."""
+def quantised_parameters(model, bits, fake=True, coarser=0):
+    """{name: quantised tensor} for every weight and bias of a batched MRNet (fake: with straight-through grads).
+
+    `coarser` raises the steps of the tensors at `bits` (not the FINE_BITS ones; see `quantise`)."""
     out = {}
     for name, p in model.named_parameters():
         is_weight, layer = ".weights." in name, int(name.rsplit(".", 1)[1])
         b = tensor_bits(bits, layer, is_weight)
-        out[name] = fake_quantise(p, b, is_weight) if fake else dequantise(*quantise(p, b, is_weight), is_weight)
+        out[name] = fake_quantise(p, b) if fake else dequantise(*quantise(p, b, coarser if b == bits else 0))
     return out
 
 

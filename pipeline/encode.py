@@ -33,7 +33,7 @@ from mrnet_core.pyramid import level_sizes
 from . import store
 from .sources import filesystem, list_images, read_bytes
 
-FORMAT = 2  # bump when a change to this pipeline changes what a row holds
+FORMAT = 3  # bump when a change to this pipeline changes what a row holds
 LISTING_CHUNK = 10_000
 READ_BATCH = 16
 
@@ -111,6 +111,7 @@ class Encoder:
             "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": rec["architecture"],
             "weights": blob, "params": rec["params"], "weight_bits": rec["weight_bits"],
             "width_scale": rec.get("rate", {}).get("scale"), "target_met": rec.get("rate", {}).get("met"),
+            "step_coarsening": rec.get("rate", {}).get("coarser"),
             "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
             "file_bytes": item["file_bytes"], "bpp": rec["bpp"],
             "psnr": [lv["psnr"] for lv in rec["levels"]], "ssim": [lv["ssim"] for lv in rec["levels"]],

@@ -34,6 +34,7 @@ ENCODINGS = pa.schema([
     ("weight_bits", pa.int32()),  # 32 or 16: float weights; 2 to 8: quantised and entropy-coded
     ("width_scale", pa.float64()),  # rate control: the widths used, relative to the config's; null without
     ("target_met", pa.bool_()),  # rate control: whether the bpp / PSNR targets were met; null without
+    ("step_coarsening", pa.int32()),  # rate control: steps raised by 2^(k/8) so the file fits; null without
     ("model_bytes", pa.int64()),
     ("raw_bytes", pa.int64()),
     ("file_bytes", pa.int64()),

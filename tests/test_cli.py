@@ -101,7 +101,7 @@ def test_config_file_is_validated(tmp_path):
 
 def test_fit_to_a_target_rate_writes_a_model_within_it(tmp_path):
     out = tmp_path / "o"
-    result = mrnet("fit", "samples/chelsea.png", "--out", out, "--preset", "fast", "--size", "40", "--levels", "2",
+    result = mrnet("fit", "samples/chelsea.png", "--out", out, "--preset", "compact", "--size", "40", "--levels", "2",
                    "--target-bpp", "4")
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "metrics.json").read_text())[0]

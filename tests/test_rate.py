@@ -7,7 +7,10 @@ import torch
 from mrnet_core.config import ConfigError, make_config
 from mrnet_core.encode import encode, measure
 from mrnet_core.fit import fit
-from mrnet_core.quantize import finetune
+from mrnet_core.modelfile import from_bytes, to_bytes
+from mrnet_core.pyramid import level_sizes
+from mrnet_core.quantize import finetune, quantised_parameters
+from mrnet_core.rate import within_budget
 
 from conftest import sample
 
@@ -34,9 +37,29 @@ def test_target_bpp_keeps_every_image_under_it():
         records, blobs = encode(images, cfg, device="cpu")
         for r, blob in zip(records, blobs):
             assert r["model_bytes"] == len(blob) <= target * 32 * 32 / 8
-            assert r["bpp"] <= target and r["rate"]["met"] and r["weight_bits"] <= 8
+            assert r["bpp"] <= target and r["rate"]["met"] and r["weight_bits"] == 8
             # within reach of the budget: rate control sizes the widths up to it, not far below
             assert r["bpp"] > 0.7 * target
+
+
+def test_a_file_over_its_budget_gets_coarser_steps_until_it_fits():
+    images = photo("rocket.jpg")[None]
+    cfg = make_config("fast", {"levels": 2, "max_epochs": [60, 60], "qat_epochs": 0, "weight_bits": 8})
+    model, _ = fit(images, cfg, device="cpu")
+    meta = {"width": 32, "height": images.shape[-2], "border": "reflect",
+            "levels": [list(s) for s in level_sizes(images.shape[-2], 32, levels=2)[::-1]]}
+    natural = to_bytes(model, meta, 8)
+    assert within_budget(model, meta, 8, 0, len(natural)) == (natural, 0)
+    sizes = [len(to_bytes(model, meta, 8, coarser=k)) for k in (0, 4, 8, 16)]
+    assert sizes == sorted(sizes, reverse=True) and sizes[2] < 0.95 * sizes[0]  # 8 codes: one bit less a weight
+    blob, coarser = within_budget(model, meta, 8, 0, sizes[2])
+    assert len(blob) <= sizes[2] and 0 < coarser <= 8
+    # The file holds the coarser grid, and decodes to it exactly.
+    grid = quantised_parameters(model, 8, fake=False, coarser=coarser)
+    for name, p in from_bytes(blob)[0].named_parameters():
+        assert torch.equal(p[0], grid[name][0]), name
+    with pytest.raises(ValueError, match="over the budget of 100"):
+        within_budget(model, meta, 8, 0, 100)
 
 
 def test_a_bigger_budget_buys_a_bigger_and_better_model():
