@@ -11,8 +11,8 @@ Layout (all numbers little-endian):
               of `Architecture.layer_shapes`):
               bits 32 or 16: raw float32 or float16 arrays;
               bits 2 to 8 (first-layer weights and biases: `quantize.FINE_BITS`): for every tensor its step
-              code (uint8; see `quantize`), then for every tensor the spread of its symbols (a uint8 code), then
-              the word
+              codes (uint8: one per output column where `quantize.column_steps`, else one), then for every
+              tensor the spread of its symbols (a uint8 code), then the word
               count (uint32) and the symbols of all tensors, range-coded (uint32 words) under a zero-mean
               quantised Gaussian per tensor, or a uniform model where that is cheaper (spread code 0).
               Decoding is exact: the symbols come back bit for bit.
@@ -36,7 +36,7 @@ import torch
 
 from .network import MODELS, Architecture, MRNet, StageSpec, snap_periodic
 from .pyramid import level_sizes
-from .quantize import code_to_value, dequantise, max_symbol, quantise, tensor_bits, value_to_code
+from .quantize import code_to_value, column_steps, dequantise, max_symbol, quantise, tensor_bits, value_to_code
 
 MAGIC = b"\x89MRNET\r\n"
 VERSION = 3
@@ -187,7 +187,7 @@ def _decode(payload, arch, bits, fail):
         values = np.frombuffer(payload, "<f4" if bits == 32 else "<f2").astype(np.float32)
         sizes = np.cumsum([math.prod(s) for s, _, _ in shapes])[:-1]
         return [v.reshape(s) for v, (s, _, _) in zip(np.split(values, sizes), shapes)]
-    n_codes = len(shapes)
+    n_codes = sum(s[-1] if column_steps(s) else 1 for s, _, _ in shapes)
     head = n_codes + len(shapes) + 4
     if len(payload) < head:
         raise fail(f"payload is {len(payload)} bytes, shorter than its {head} bytes of steps (truncated)")
@@ -197,14 +197,17 @@ def _decode(payload, arch, bits, fail):
     codes = torch.from_numpy(np.frombuffer(payload, np.uint8, n_codes).copy())
     spreads = np.frombuffer(payload, np.uint8, len(shapes), n_codes)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4", n_words, head).astype(np.uint32))
-    values = []
-    for (shape, is_weight, j), code, spread in zip(shapes, codes, spreads.tolist()):
+    values, at = [], 0
+    for (shape, is_weight, j), spread in zip(shapes, spreads.tolist()):
         n = math.prod(shape)
         try:
             symbols = _coder(tensor_bits(bits, j, is_weight), int(spread))[1](decoder, n)
         except (AssertionError, ValueError) as e:
             raise fail(f"weights do not decode: {e}") from None
-        values.append(dequantise(code[None], torch.from_numpy(symbols.reshape(1, *shape)))[0].numpy())
+        k = shape[-1] if column_steps(shape) else 1
+        steps = codes[at : at + k].view(1, k) if column_steps(shape) else codes[at : at + 1]
+        values.append(dequantise(steps, torch.from_numpy(symbols.reshape(1, *shape)))[0].numpy())
+        at += k
     return values
 
 

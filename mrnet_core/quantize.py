@@ -1,11 +1,12 @@
-"""Weight quantisation: one uniform step per tensor, and quantisation-aware fine-tuning.
+"""Weight quantisation: uniform steps, and quantisation-aware fine-tuning.
 
-Every weight matrix and bias vector gets one step; a value is stored as the integer round(w / step),
-|symbol| <= 2^(bits-1) - 1. The step is itself coded in one byte on a log scale (a factor 2^(1/8) apart). One step
-per tensor rather than per output column: sine-network columns are drawn from the same range and stay close to
-it, so per-column steps bought 0.01-0.02 dB at 8 bits while costing a byte per column, which is 6% of a
-0.2 bpp model (docs/performance.md). Everything here works on batched weights [B, ...] so a whole batch of
-models is quantised, and fine-tuned, at once.
+A value is stored as the integer round(w / step), |symbol| <= 2^(bits-1) - 1. Steps are themselves coded in one
+byte each on a log scale (a factor 2^(1/8) apart). A weight matrix with at least COLUMN_FAN_IN inputs gets one
+step per output column, where that byte is at most 1/4 bit per weight and buys precision (0.45 dB at 8 bits and
+2 dB at 6 bits, at full resolution, on a 21K-parameter model); smaller matrices and bias vectors get one step,
+since in the small models of low rates a byte per column would be 6% of the file for 0.02 dB
+(docs/performance.md). Which is which follows from the shapes, so nothing more is stored. Everything here works on batched weights [B, ...] so a whole batch of models is
+quantised, and fine-tuned, at once.
 """
 import math
 
@@ -33,26 +34,35 @@ def value_to_code(value):
     return code.clamp(0, 255).to(torch.uint8)
 
 
-def quantise(w, bits, coarser=0):
-    """(step codes [B], symbols) of a batch of tensors [B, ...]: one step per tensor of each model.
+COLUMN_FAN_IN = 32
 
-    The step is the smallest code that keeps the tensor's peak in range, raised by `coarser` codes (each a factor
-    2^(1/8)): rate control's last, fine knob, which trades a little precision for bytes without fitting again.
+
+def column_steps(shape):
+    """Whether one model's tensor of `shape` ([fan_in, fan_out] or [n]) gets a step per output column."""
+    return len(shape) == 2 and shape[0] >= COLUMN_FAN_IN
+
+
+def quantise(w, bits, coarser=0):
+    """(step codes, symbols) of a batch of tensors [B, ...]: codes [B, fan_out] (`column_steps`) or [B].
+
+    A step is the smallest code that keeps its peak in range, raised by `coarser` codes (each a factor 2^(1/8)):
+    rate control's last, fine knob, which trades a little precision for bytes without fitting again.
     """
     w = w.detach().float()
-    codes = value_to_code(w.abs().flatten(1).amax(dim=1) / max_symbol(bits))
-    codes = (codes.int() + coarser).clamp(0, 255).to(torch.uint8)
-    symbols = torch.round(w / _per_model(code_to_value(codes), w)).clamp_(-max_symbol(bits), max_symbol(bits))
+    peak = w.abs().amax(dim=1) if column_steps(w.shape[1:]) else w.abs().flatten(1).amax(dim=1)
+    codes = (value_to_code(peak / max_symbol(bits)).int() + coarser).clamp(0, 255).to(torch.uint8)
+    symbols = torch.round(w / _broadcast(code_to_value(codes), w)).clamp_(-max_symbol(bits), max_symbol(bits))
     return codes, symbols.to(torch.int32)
 
 
-def _per_model(step, like):
-    """step [B] shaped to broadcast over a batch of tensors like `like`."""
-    return step.to(like.device).view(-1, *[1] * (like.dim() - 1))
+def _broadcast(step, like):
+    """Steps [B, fan_out] or [B] shaped to broadcast over a batch of tensors like `like`."""
+    step = step.to(like.device)
+    return step.unsqueeze(1) if step.dim() == 2 else step.view(-1, *[1] * (like.dim() - 1))
 
 
 def dequantise(codes, symbols):
-    return symbols.float() * _per_model(code_to_value(codes), symbols)
+    return symbols.float() * _broadcast(code_to_value(codes), symbols)
 
 
 def fake_quantise(w, bits):
@@ -61,15 +71,14 @@ def fake_quantise(w, bits):
     return w + (q - w).detach()
 
 
-FINE_BITS = 10
+FINE_BITS = 12
 
 
 def tensor_bits(bits, layer, is_weight):
     """The bits of one tensor: first-layer weights and all biases get FINE_BITS.
 
     Both are multiplied by omega (30 or so) inside a sine, so a step there is a large phase error: at 6 bits, rounding
-    just the biases of a fitted model costs 5 dB. They are a few percent of the parameters; 10 bits cost 0.03 dB
-    against 12 on a 0.2 bpp model before fine-tuning (docs/performance.md).
+    just the biases of a fitted model costs 5 dB, and they are a few percent of the parameters.
     """
     return FINE_BITS if (layer == 0 or not is_weight) else bits
 

@@ -38,6 +38,7 @@ def test_float16_halves_the_payload_and_stays_close():
 @pytest.mark.parametrize("bits", [8, 6, 4, 2])
 def test_quantised_weights_decode_exactly_onto_their_grid(bits):
     m = model(1)
+    assert {quantize.column_steps(p.shape[1:]) for p in m.parameters()} == {True, False}  # both kinds of step
     data = modelfile.to_bytes(m, META, bits)
     loaded, meta = modelfile.from_bytes(data)
     assert meta == META
@@ -45,12 +46,13 @@ def test_quantised_weights_decode_exactly_onto_their_grid(bits):
     grid = quantize.quantised_parameters(m, bits, fake=False)
     for name, p in loaded.named_parameters():
         assert torch.equal(p, grid[name]), name
-    # Each value is within half a step of the original (the step: the tensor's peak over the symbol range).
+    # Each value is within half a step of the original (the step: the peak of the tensor, or of its column, over the
+    # symbol range).
     for name, p in m.named_parameters():
         layer = int(name.rsplit(".", 1)[1])
         is_weight = ".weights." in name
         b = quantize.tensor_bits(bits, layer, is_weight)
-        peak = p.abs().amax()
+        peak = p.abs().amax(dim=1, keepdim=True) if quantize.column_steps(p.shape[1:]) else p.abs().amax()
         step = peak / quantize.max_symbol(b) * 2 ** (1 / 8)  # steps are rounded up to the next 2^(1/8)
         assert ((dict(loaded.named_parameters())[name] - p).abs() <= step / 2 + 1e-7).all(), name
 
@@ -59,12 +61,12 @@ def test_fewer_bits_make_smaller_files():
     m = model(1)
     sizes = [len(modelfile.to_bytes(m, META, b)) for b in (32, 16, 8, 6, 4, 2)]
     assert sizes == sorted(sizes, reverse=True)
-    # Entropy coding never costs more than the fixed-width symbols: the bound is bits per value, plus a step byte and
-    # a spread byte per tensor, plus the header and the range coder's last word.
+    # Entropy coding never costs more than the fixed-width symbols: the bound is bits per value, plus the step bytes
+    # and a spread byte per tensor, plus the header and the range coder's last word.
     bound = 100
     for name, p in m.named_parameters():
         is_weight, layer = ".weights." in name, int(name.rsplit(".", 1)[1])
-        bound += p[0].numel() * quantize.tensor_bits(8, layer, is_weight) / 8 + 2
+        bound += p[0].numel() * quantize.tensor_bits(8, layer, is_weight) / 8 + (p.shape[-1] if quantize.column_steps(p.shape[1:]) else 1) + 1
     assert sizes[2] <= bound
 
 
