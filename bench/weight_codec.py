@@ -5,6 +5,10 @@ bpp, bits per parameter, PSNR per level (coarse to fine) of the stored model, an
 the model file.
 
     python bench/weight_codec.py [--image samples/astronaut.png] [--size 256] [--preset fast] [--scale 2]
+                                 [--column-fan-in 32] [--fine-bits 12]
+
+The last two override `quantize.COLUMN_FAN_IN` and `quantize.FINE_BITS`, to measure other quantisation schemes
+(the files then only decode under the same settings).
 """
 import argparse
 import copy
@@ -12,13 +16,12 @@ import time
 
 import torch
 
-from mrnet_core import modelfile
+from mrnet_core import modelfile, quantize
 from mrnet_core.config import make_config
 from mrnet_core.encode import measure
 from mrnet_core.fit import fit
 from mrnet_core.images import read_image, resize_long_side
 from mrnet_core.pyramid import level_sizes
-from mrnet_core.quantize import finetune
 from mrnet_core.rate import scaled
 
 
@@ -30,7 +33,11 @@ def main():
     parser.add_argument("--scale", type=float, default=2.0, help="widths relative to the preset's")
     parser.add_argument("--epochs", default="400,300,300")
     parser.add_argument("--qat-epochs", type=int, default=10)
+    parser.add_argument("--column-fan-in", type=int, default=quantize.COLUMN_FAN_IN,
+                        help="weight matrices with this many inputs or more get a step per column")
+    parser.add_argument("--fine-bits", type=int, default=quantize.FINE_BITS, help="bits of first layers and biases")
     args = parser.parse_args()
+    quantize.COLUMN_FAN_IN, quantize.FINE_BITS = args.column_fan_in, args.fine_bits
     torch.manual_seed(0)
     image = resize_long_side(read_image(args.image)[0], args.size)[None]
     cfg = scaled(make_config(args.preset, {"max_epochs": [int(e) for e in args.epochs.split(",")],
@@ -49,7 +56,7 @@ def main():
     for bits, qat in rows:
         model = copy.deepcopy(fitted)
         if qat:
-            finetune(model, image, bits, qat, cfg.qat_lr, cfg.batch_pixels, cfg.levels, cfg.border)
+            quantize.finetune(model, image, bits, qat, cfg.qat_lr, cfg.batch_pixels, cfg.levels, cfg.border)
         t0 = time.perf_counter()
         blob = modelfile.to_bytes(model, meta, bits)
         t1 = time.perf_counter()

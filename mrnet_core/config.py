@@ -35,7 +35,7 @@ class FitConfig:
     stall_epochs: int = 0  # stop once the loss has not improved by stall_tol (relative) for this many epochs; 0: never
     stall_tol: float = 1e-3
     seed: int = 0
-    # How model files store weights: 32 or 16 (float), or 2 to 8 (quantised per output column, entropy-coded).
+    # How model files store weights: 32 or 16 (float), or 2 to 8 (quantised, entropy-coded; see quantize.py).
     weight_bits: int = 32
     # Quantisation-aware fine-tuning after the fit (bits 8 and below): epochs over the finest level, and the rate.
     qat_epochs: int = 10

@@ -21,8 +21,8 @@ The level sizes are not stored: they follow from the width, height and stage cou
 Reading checks every field and the payload's exact size before decoding, so a corrupt or hostile file is
 rejected with a clear error, and nothing in it is ever executed.
 
-Entropy coding is `constriction`'s range coder (maintained, Rust, with numpy in and out): per-column steps
-leave the symbols of a tensor close to a Gaussian, and coding them under that model costs within 0.2 bit of
+Entropy coding is `constriction`'s range coder (maintained, Rust, with numpy in and out): the symbols of a
+tensor are close to a Gaussian, and coding them under that model costs within 0.2 bit of
 their empirical entropy with one byte of side information per tensor (measured in docs/performance.md).
 """
 import math
