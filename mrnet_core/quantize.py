@@ -4,9 +4,9 @@ A value is stored as the integer round(w / step), |symbol| <= 2^(bits-1) - 1. St
 byte each on a log scale (a factor 2^(1/8) apart). A weight matrix with at least COLUMN_FAN_IN inputs gets one
 step per output column, where that byte is at most 1/4 bit per weight and buys precision (0.45 dB at 8 bits and
 2 dB at 6 bits, at full resolution, on a 21K-parameter model); smaller matrices and bias vectors get one step,
-since in the small models of low rates a byte per column would be 6% of the file for 0.02 dB
-(docs/performance.md). Which is which follows from the shapes, so nothing more is stored. Everything here works on batched weights [B, ...] so a whole batch of models is
-quantised, and fine-tuned, at once.
+since in the small models of low rates a byte per column would be 7% of the file for 0.014 dB
+(docs/performance.md). Which is which follows from the shapes, so nothing more is stored. Everything here works
+on batched weights [B, ...] so a whole batch of models is quantised, and fine-tuned, at once.
 """
 import math
 
