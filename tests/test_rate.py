@@ -60,6 +60,8 @@ def test_a_file_over_its_budget_gets_coarser_steps_until_it_fits():
         assert torch.equal(p[0], grid[name][0]), name
     with pytest.raises(ValueError, match="over the budget of 100"):
         within_budget(model, meta, 8, 0, 100)
+    with pytest.raises(ValueError, match="needs quantised weights"):
+        within_budget(model, meta, 32, 0, 10**6)
 
 
 def test_a_bigger_budget_buys_a_bigger_and_better_model():
