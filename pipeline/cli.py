@@ -18,6 +18,7 @@ from mrnet_core.fit import max_batch
 from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
+from pipeline.settings import FIT_FLAGS, fit_overrides
 from pipeline.thumbnails import render_levels
 
 
@@ -61,21 +62,6 @@ def _free_memory(device):
     if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
         return int(torch.cuda.mem_get_info(torch.device(device or "cuda"))[0] * 0.8)
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-
-
-# Fit keys that also have flags, on both `fit` and `encode`: compact weights and rate control.
-FIT_FLAGS = [("--weight-bits", int, "store weights at 32, 16 (float) or 2-8 bits (quantised, entropy-coded)"),
-             ("--target-bpp", float, "size each model to at most this many stored bits per pixel"),
-             ("--target-psnr", float, "the smallest model reaching this full-resolution PSNR (dB)")]
-
-
-def fit_overrides(args, overrides):
-    """overrides updated with the fit keys given as flags."""
-    for flag, _, _ in FIT_FLAGS + [("--levels", 0, 0), ("--seed", 0, 0)]:
-        key = flag[2:].replace("-", "_")
-        if getattr(args, key, None) is not None:
-            overrides[key] = getattr(args, key)
-    return overrides
 
 
 def cmd_fit(args):

@@ -25,12 +25,13 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from mrnet_core.config import ConfigError, load_file, make_config
+from mrnet_core.config import ConfigError
 from mrnet_core.encode import encode
 from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_long_side
 from mrnet_core.pyramid import level_sizes
 
 from . import store
+from .settings import resolve
 from .sources import filesystem, list_images, read_bytes
 
 FORMAT = 3  # bump when a change to this pipeline changes what a row holds
@@ -263,48 +264,6 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary):
     manifest.update(versions=versions(), counts=counts, last_run={**summary, "max_pixels": max_pixels,
                                                                    "finished_at": now().isoformat()})
     store.write_json(out, "manifest.json", manifest)
-
-
-JOB_KEYS = {"preset": str, "size": int, "max_pixels": int, "batch_size": int, "actors": int, "num_gpus": float,
-            "num_cpus": float}
-
-
-def read_config_file(path):
-    """(fit overrides, job settings) from a TOML/JSON file with fit keys and an optional [job] table."""
-    fit, tables = load_file(path)
-    job = tables.pop("job", {})
-    if tables:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(tables)}; use [fit] and [job]")
-    return fit, check_job(job)
-
-
-def check_job(job):
-    """The [job] table, each key known and of the right type; ConfigError otherwise."""
-    for k, v in job.items():
-        if k not in JOB_KEYS:
-            raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")
-        if not isinstance(v, JOB_KEYS[k]) and not (JOB_KEYS[k] is float and isinstance(v, int)) or \
-                isinstance(v, bool):
-            raise ConfigError(f"job.{k}: must be {JOB_KEYS[k].__name__}, not {v!r}")
-    return job
-
-
-def resolve(args):
-    """(FitConfig, job settings) from --config, --preset and the flags; ConfigError before any work starts."""
-    fit, job = read_config_file(args.config) if args.config else ({}, {})
-    for k in JOB_KEYS:
-        if getattr(args, k, None) is not None:
-            job[k] = getattr(args, k)
-    from .cli import fit_overrides
-
-    fit = fit_overrides(args, fit)
-    cfg = make_config(job.pop("preset", "default"), fit, model=getattr(args, "model", None))
-    for k in ("size", "max_pixels", "batch_size", "actors", "num_cpus"):
-        if job.get(k) is not None and job[k] <= 0:
-            raise ConfigError(f"{k}: must be positive, not {job[k]}")
-    if job.get("num_gpus", 0) < 0:
-        raise ConfigError(f"num_gpus: must be 0 or more, not {job['num_gpus']}")
-    return cfg, job
 
 
 def cmd_encode(args):

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from mrnet_core.config import ConfigError, make_config
 
 from . import store, track
+from .settings import check_job
 from .compare import CODECS, CURVES, IMAGES
 from .report import CHECK_SCRIPT, NAMES, STYLE, data_uri, esc, fmt, svg_plot, write_text
 
@@ -47,7 +48,6 @@ def read_grid(path):
     unknown = set(data) - {"job", "fit", "grid", "config"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [job], [fit], [grid], [[config]]")
-    from .encode import check_job
     job, shared, grid = dict(data.get("job", {})), data.get("fit", {}), data.get("grid", {})
     check_job(job)
     variants = data.get("config", [{}])
