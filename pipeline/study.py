@@ -160,9 +160,9 @@ def write_study(out, configs):
         tmp = os.path.join(out, ".study.parquet.tmp")
         pq.write_table(pa.Table.from_pylist(rows), tmp)
         os.replace(tmp, os.path.join(out, "study.parquet"))
-    curves = []
-    for name, _, _ in configs[:1]:  # the codecs' curves are the same images whatever the config
-        curves = store.read_table(folder_of(out, name), "comparison/curves", schema=CURVES).to_pylist()
+    # The codecs' curves are of the same images whatever the config: the first config's serve for all.
+    curves = store.read_table(folder_of(out, configs[0][0]), "comparison/curves", schema=CURVES).to_pylist() \
+        if configs else []
     table = summary_table(rows, configs)
     svg = rd_svg(table, curves)
     write_text(os.path.join(out, "study", "rate_distortion.svg"), svg)
