@@ -1,10 +1,13 @@
 """Encode a batch of same-sized images: fit, then measure every level against the original's pyramid."""
 import time
+from dataclasses import dataclass
 
 import torch
 
+from . import device as devices
 from .config import FitConfig
 from .fit import fit
+from .memory import encode_memory_bytes, max_batch
 from .metrics import psnr, seam, ssim
 from .modelfile import from_bytes, to_bytes
 from .pyramid import gaussian_pyramid, level_sizes
@@ -79,3 +82,58 @@ def measure(model, images, cfg: FitConfig, bits=None, budget=None):
     for r, k in zip(records, coarser or ()):
         r["coarser"] = k
     return records, blobs
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why one image of `encode_in_batches` has no model. `retry`: the cause was passing (out of memory), so a
+    later run should try it again rather than record it as failed."""
+    kind: str
+    message: str
+    retry: bool = False
+
+
+def encode_in_batches(images, cfg: FitConfig, device=None, memory_bytes=None, progress=None, encode_fn=encode):
+    """Encode images [B, C, H, W] in batches that fit the device: per image, (record, model file) or a `Failure`.
+
+    Batches are sized by the memory model (`memory.max_batch`) against `memory_bytes` (default: what the device
+    offers now). A batch that still runs out of memory is split in halves, down to single images; one that fails
+    otherwise is retried image by image, so one bad image fails alone. Device faults other than out of memory
+    propagate: the device is unusable, and the caller must end the process. `encode_fn` is `encode`'s signature.
+    """
+    b, c, h, w = images.shape
+    memory_bytes = devices.available_memory(device) if memory_bytes is None else memory_bytes
+    limit = max_batch(cfg, c, h, w, memory_bytes)
+    if limit == 0:
+        need = encode_memory_bytes(cfg, c, h, w)
+        failure = Failure("too_large", f"a {w}x{h} image needs about {need / 2**30:.2f} GiB to encode with this "
+                                       f"config; the device offers {memory_bytes / 2**30:.2f} GiB")
+        return [failure] * b
+    results = [None] * b
+    pending = [list(range(i, min(i + limit, b))) for i in range(0, b, limit)]
+    while pending:
+        index = pending.pop(0)
+        try:
+            records, blobs = encode_fn(images[index], cfg, device, progress)
+            results_for = list(zip(records, blobs))
+            error = None
+        except Exception as e:  # noqa: BLE001 (every error is classified below)
+            if devices.is_device_fault(e):
+                raise
+            # Keep words, not the exception: its traceback holds the failed attempt's tensors.
+            error = (devices.is_out_of_memory(e), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        if error is None:
+            for i, result in zip(index, results_for):
+                results[i] = result
+            continue
+        out_of_memory, kind, message = error
+        if out_of_memory:
+            devices.release(device)
+        if len(index) > 1:  # halves after running out of memory; else each image alone, so a bad one fails alone
+            halves = [index[: len(index) // 2], index[len(index) // 2 :]] if out_of_memory else [[i] for i in index]
+            pending[:0] = halves
+        elif out_of_memory:
+            results[index[0]] = Failure("out_of_memory", f"out of device memory even alone ({message})", retry=True)
+        else:
+            results[index[0]] = Failure(kind, message)
+    return results

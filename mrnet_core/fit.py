@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import device as devices
 from .config import FitConfig
 from .network import MRNet
 from .pyramid import gaussian_pyramid, laplacian_from_gaussian, level_sizes, pixel_grid
@@ -131,6 +132,7 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
         outputs, features = model.stage_outputs(coords, i)
         if cfg.target == "gaussian":
             residual = residual - sum(outputs)
+        del outputs  # [B, N, C] each: only their sum is needed, and holding them raises the stage's peak
         basis = features if model.arch.model == "m" else None
     stage = model.stages[i]
     fixed = [stage.weights[0]] if model.arch.periodic else []  # periodic frequencies stay on the integer grid
@@ -184,7 +186,7 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
 
 def fit(images, cfg: FitConfig, device=None, progress=None):
     """Fit one MR-Net per image of a batch [B, C, H, W] in [0, 1]. Returns (model, stage reports)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = devices.resolve(device)
     images = images.to(device=device, dtype=torch.float32)
     model = MRNet(cfg.architecture(images.shape[1]), batch=images.shape[0], seed=cfg.seed).to(device)
     model.requires_grad_(False)
@@ -192,28 +194,3 @@ def fit(images, cfg: FitConfig, device=None, progress=None):
     targets = level_targets(images, cfg)
     reports = [fit_stage(model, i, target, cfg, generator, progress) for i, target in enumerate(targets)]
     return model, reports
-
-
-def fit_memory_bytes(cfg: FitConfig, channels, height, width, batch=1):
-    """An estimate of the peak bytes `fit` needs for `batch` images of height x width, from the tensors it keeps.
-
-    Per stage: the level's cached residual and basis, the activations of one step (each sine layer keeps its
-    input, sin and cos), and the stage's weights, gradients and Adam moments; plus the pyramid.
-    """
-    arch = cfg.architecture(channels)
-    pixels = [h * w for h, w in level_sizes(height, width, levels=cfg.levels)][::-1]
-    pyramid = 2 * channels * sum(pixels)
-    peak = 0
-    for i, n in enumerate(pixels):
-        step = cfg.batch_pixels if 0 < cfg.batch_pixels < n else n
-        basis = arch.stages[i - 1].hidden[-1] if arch.model == "m" and i > 0 else 0
-        widths = [arch.stages[i].first, *arch.stages[i].hidden]
-        cached = n * (channels + basis + 2)
-        activations = step * (3 * sum(widths) + 2 * basis + 3 * channels + 2)
-        peak = max(peak, cached + activations + 4 * arch.stage_params(i))
-    return 4 * batch * (pyramid + peak)
-
-
-def max_batch(cfg: FitConfig, channels, height, width, memory_bytes):
-    """The most images of one size that `fit` can take at once within `memory_bytes` (at least 1)."""
-    return max(1, int(memory_bytes // fit_memory_bytes(cfg, channels, height, width)))

@@ -12,9 +12,9 @@ import torch
 
 from mrnet_core import modelfile
 from mrnet_core.config import ConfigError, load_file, make_config
-from mrnet_core.encode import encode
+from mrnet_core.device import DeviceError, use_full_precision
+from mrnet_core.encode import Failure, encode_in_batches
 from mrnet_core.export import export_mips
-from mrnet_core.fit import max_batch
 from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
@@ -57,13 +57,6 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
-def _free_memory(device):
-    """Bytes a fit may use: most of the GPU's free memory, or half of the machine's available memory."""
-    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
-        return int(torch.cuda.mem_get_info(torch.device(device or "cuda"))[0] * 0.8)
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
-
-
 def cmd_fit(args):
     overrides = fit_overrides(args, load_file(args.config)[0] if args.config else {})
     cfg = make_config(args.preset, overrides, model=args.model)
@@ -86,23 +79,18 @@ def cmd_fit(args):
             print(f"note: {path}: {note}", file=sys.stderr)
         groups[tuple(image.shape)].append((path, stem, image, notes))
 
-    results, batches = [], []
+    results = []
     for (c, h, w), items in groups.items():
-        limit = max_batch(cfg, c, h, w, _free_memory(args.device))
-        batches += [items[i : i + limit] for i in range(0, len(items), limit)]
-    for items in batches:
-        c, h, w = items[0][2].shape
         batch = torch.stack([image for _, _, image, _ in items])
         progress = Progress(f"{len(items)} image(s) {w}x{h}x{c}", cfg.levels)
-        try:
-            records, blobs = encode(batch, cfg, device=args.device, progress=progress)
-        except ValueError as e:  # e.g. too small for the requested levels
-            progress.done()
-            print(f"error: {', '.join(p for p, *_ in items)}: {e}", file=sys.stderr)
-            failed += len(items)
-            continue
+        outcomes = encode_in_batches(batch, cfg, device=args.device, progress=progress)
         progress.done()
-        for (path, stem, _, notes), record, blob in zip(items, records, blobs):
+        for (path, stem, _, notes), outcome in zip(items, outcomes):
+            if isinstance(outcome, Failure):  # e.g. too small for the requested levels, or out of memory alone
+                print(f"error: {path}: {outcome.message}", file=sys.stderr)
+                failed += 1
+                continue
+            record, blob = outcome
             model_path = out / f"{stem}.mrnet"
             tmp = model_path.with_name(f".{model_path.name}.tmp")
             tmp.write_bytes(blob)
@@ -289,9 +277,10 @@ def _join_domain(argv):
 
 def main(argv=None):
     args = build_parser().parse_args(_join_domain(sys.argv[1:] if argv is None else argv))
+    use_full_precision()
     try:
         return args.run(args)
-    except (ConfigError, modelfile.ModelFileError) as e:
+    except (ConfigError, DeviceError, modelfile.ModelFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from mrnet_core import device as devices
 from mrnet_core.config import ConfigError
-from mrnet_core.encode import encode
+from mrnet_core.encode import Failure, encode, encode_in_batches
 from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_long_side
 from mrnet_core.pyramid import level_sizes
 
@@ -37,6 +38,7 @@ from .sources import filesystem, list_images, read_bytes
 FORMAT = 3  # bump when a change to this pipeline changes what a row holds
 LISTING_CHUNK = 10_000
 READ_BATCH = 16
+DEVICE_FAULT_EXIT = 70  # an Encoder's exit status after a device fault; Ray restarts the actor and retries its call
 
 READ_SCHEMA = pa.schema([
     ("uri", pa.string()), ("status", pa.string()),  # ok, failed or skipped
@@ -86,40 +88,57 @@ def read_images(batch: pa.Table, keys_ref, size, levels, max_pixels):
 
 
 class Encoder:
-    """An actor holding one device; each call fits a batch of images, grouped by size, and commits its rows."""
+    """An actor holding one device; each call fits a batch of images, grouped by size, and commits its rows.
 
-    def __init__(self, cfg, cfg_id, out, threads):
+    Images that ran out of device memory even alone are deferred: no row, so the next run tries them again.
+    A device fault other than out of memory ends the actor's process, so that Ray starts a fresh one (and a
+    fresh CUDA context) and retries the batch; no image is marked failed for it.
+    """
+
+    def __init__(self, cfg, cfg_id, out, threads, encode_fn=encode):
         torch.set_num_threads(threads)
-        self.cfg, self.cfg_id, self.out = cfg, cfg_id, out
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cfg, self.cfg_id, self.out, self.encode_fn = cfg, cfg_id, out, encode_fn
+        self.device = "cpu"
+        node = ray.get_runtime_context().get_node_id()[:12]
+        if ray.get_gpu_ids():
+            reason = devices.cuda_unusable_reason()
+            if reason:
+                raise devices.DeviceError(f"node {node}: Ray granted this worker a GPU, but {reason}")
+            self.device = "cuda"
+            devices.use_full_precision()
         name = torch.cuda.get_device_name() if self.device == "cuda" else "cpu"
-        self.device_name = f"{name} (node {ray.get_runtime_context().get_node_id()[:12]})"
+        self.device_name = f"{name} (node {node})"
 
     def fit(self, items):
-        """Rows for same-sized images fitted as one batch; if the batch fails, each image on its own."""
+        """(rows, failures, deferred count) for same-sized images, fitted in batches that fit the device."""
         c, h, w = items[0]["channels"], items[0]["height"], items[0]["width"]
         images = torch.stack([torch.from_numpy(np.frombuffer(r["pixels"], np.float32).reshape(c, h, w).copy())
                               for r in items])
-        try:
-            records, blobs = encode(images, self.cfg, device=self.device)
-        except Exception as e:  # one bad image must not sink its batch, nor the job
-            if len(items) > 1:
-                return [row for item in items for row in self.fit([item])]
-            return [{"uri": items[0]["uri"], "stage": "fit", "error_kind": type(e).__name__,
-                     "message": f"{items[0]['uri']}: {e}"}]
-        return [{
-            "image_id": item["image_id"], "uri": item["uri"], "config_id": self.cfg_id,
-            "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": rec["architecture"],
-            "weights": blob, "params": rec["params"], "weight_bits": rec["weight_bits"],
-            "width_scale": rec.get("rate", {}).get("scale"), "target_met": rec.get("rate", {}).get("met"),
-            "step_coarsening": rec.get("rate", {}).get("coarser"),
-            "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
-            "file_bytes": item["file_bytes"], "bpp": rec["bpp"],
-            "psnr": [lv["psnr"] for lv in rec["levels"]], "ssim": [lv["ssim"] for lv in rec["levels"]],
-            "fit_seconds": rec["fit_seconds"], "batch": rec["batch"],
-            "epochs": [s["epochs"] for s in rec["stages"]], "notes": item["notes"],
-            "device": self.device_name, "encoded_at": now(),
-        } for item, rec, blob in zip(items, records, blobs)]
+        rows, failures, deferred = [], [], 0
+        for item, result in zip(items, encode_in_batches(images, self.cfg, self.device, encode_fn=self.encode_fn)):
+            if isinstance(result, Failure):
+                if result.retry:
+                    deferred += 1
+                    print(f"encode: {item['uri']}: {result.message}; deferred to the next run", file=sys.stderr)
+                else:
+                    failures.append({"uri": item["uri"], "stage": "fit", "error_kind": result.kind,
+                                     "message": f"{item['uri']}: {result.message}"})
+                continue
+            rec, blob = result
+            rows.append({
+                "image_id": item["image_id"], "uri": item["uri"], "config_id": self.cfg_id,
+                "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": rec["architecture"],
+                "weights": blob, "params": rec["params"], "weight_bits": rec["weight_bits"],
+                "width_scale": rec.get("rate", {}).get("scale"), "target_met": rec.get("rate", {}).get("met"),
+                "step_coarsening": rec.get("rate", {}).get("coarser"),
+                "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
+                "file_bytes": item["file_bytes"], "bpp": rec["bpp"],
+                "psnr": [lv["psnr"] for lv in rec["levels"]], "ssim": [lv["ssim"] for lv in rec["levels"]],
+                "fit_seconds": rec["fit_seconds"], "batch": rec["batch"],
+                "epochs": [s["epochs"] for s in rec["stages"]], "notes": item["notes"],
+                "device": self.device_name, "encoded_at": now(),
+            })
+        return rows, failures, deferred
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -129,10 +148,20 @@ class Encoder:
                 groups[(r["channels"], r["height"], r["width"])].append(r)
             elif r["status"] == "failed":
                 failures.append(r)
-        encoded = []
-        for items in groups.values():
-            for row in self.fit(items):
-                (encoded if "weights" in row else failures).append(row)
+        encoded, deferred = [], 0
+        try:
+            for items in groups.values():
+                rows_, failures_, deferred_ = self.fit(items)
+                encoded += rows_
+                failures += failures_
+                deferred += deferred_
+        except Exception as e:  # noqa: BLE001
+            if not devices.is_device_fault(e):
+                raise
+            # Nothing of this call is committed yet: a fresh actor redoes it whole.
+            print(f"encode: device fault on {self.device_name}: {str(e).splitlines()[0]}; restarting this worker",
+                  file=sys.stderr, flush=True)
+            os._exit(DEVICE_FAULT_EXIT)
         for f in failures:
             f.update(config_id=self.cfg_id, failed_at=now())
         name = store.part_name(self.cfg_id, [f"{r['uri']}\0{r['image_id']}" for r in rows if r["status"] != "skipped"])
@@ -142,7 +171,7 @@ class Encoder:
         if encoded:
             store.write_part(self.out, "encodings", name, encoded, store.ENCODINGS)
         return pa.table({
-            "done": [len(encoded)], "failed": [len(failures)],
+            "done": [len(encoded)], "failed": [len(failures)], "deferred": [deferred],
             "skipped": [sum(r["status"] == "skipped" for r in rows)],
             "bytes_in": [sum(r["file_bytes"] or 0 for r in rows if r["status"] != "skipped")],
             "bytes_out": [sum(r["model_bytes"] for r in encoded)],
@@ -200,19 +229,32 @@ def plan_resources(num_gpus, num_cpus, actors):
     return num_gpus, actors, threads
 
 
+def check_gpu_workers(num_gpus):
+    """Stop before any work when a worker granted a GPU has a torch that cannot use it (the common cause: a CPU
+    build of torch on the GPU nodes). One task on one node; each Encoder checks its own node too."""
+    reason = ray.get(ray.remote(num_gpus=num_gpus, num_cpus=0)(devices.cuda_unusable_reason).remote())
+    if reason:
+        raise devices.DeviceError(f"a Ray worker granted a GPU cannot use it: {reason}. Install a CUDA build of torch "
+                                  f"on the GPU nodes, or set num_gpus = 0 to fit on CPUs")
+
+
 def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=16, actors=None, num_gpus=None,
-        num_cpus=1, log=print):
-    """Encode every image `source` names into OUT (see pipeline/store.py). Ray must be initialised. The summary."""
+        num_cpus=1, log=print, encode_fn=encode):
+    """Encode every image `source` names into OUT (see pipeline/store.py). Ray must be initialised. The summary.
+
+    `encode_fn` is what the actors fit each batch with (`mrnet_core.encode.encode`; tests inject failures here)."""
     start = time.perf_counter()
     cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT})
     num_gpus, actors, threads = plan_resources(num_gpus, num_cpus, actors)
+    if num_gpus:
+        check_gpu_workers(num_gpus)
     store.remove_temporaries(out)
     listing = store.join(out, "_listing", cfg_id)
     listed = write_listing(list_images(source), listing)
     done, failed = store.done_keys(out, cfg_id)
     log(f"encode: {listed} image(s) listed from {source}; {len(done)} encoded and {len(failed)} failed before under "
         f"config {cfg_id}; {actors} actor(s), {num_gpus} GPU, {num_cpus} CPU and {threads} torch thread(s) each")
-    totals = dict.fromkeys(["done", "failed", "skipped", "bytes_in", "bytes_out"], 0)
+    totals = dict.fromkeys(["done", "failed", "deferred", "skipped", "bytes_in", "bytes_out"], 0)
     if listed:
         keys_ref = [ray.put((done, failed))]  # in a list so Ray passes the reference, not the arrays, to tasks
         ds = ray.data.read_parquet(listing)
@@ -223,12 +265,12 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                             num_gpus=num_gpus, num_cpus=num_cpus,  # Ray Data restarts dead actors, retries calls
                             fn_constructor_kwargs={"cfg": cfg, "cfg_id": cfg_id, "out": out,
-                                                   "threads": threads})
+                                                   "threads": threads, "encode_fn": encode_fn})
         last = 0.0
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for k in totals:
                 totals[k] += column_sum(report, k)
-            seen = totals["done"] + totals["failed"] + totals["skipped"]
+            seen = totals["done"] + totals["failed"] + totals["deferred"] + totals["skipped"]
             if time.perf_counter() - last > 5 or seen == listed:
                 last = time.perf_counter()
                 log(f"encode: {seen}/{listed}: {totals['done']} done, {totals['failed']} failed, "
@@ -241,6 +283,9 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
                "images_per_second": round(totals["done"] / seconds, 3)}
     write_manifest(out, cfg, cfg_id, size, max_pixels, summary)
+    if totals["deferred"]:
+        log(f"encode: {totals['deferred']} image(s) ran out of device memory even alone and were deferred: "
+            f"a rerun tries them again (with fewer actors per device, or on a larger one)")
     log(f"encode: {totals['done']} done, {totals['failed']} failed, {totals['skipped']} skipped in {seconds:.1f} s "
         f"({summary['images_per_second']:.2f} images/s); {totals['bytes_in']:,} bytes in, "
         f"{totals['bytes_out']:,} bytes out -> {out}")

@@ -4,7 +4,7 @@ import torch
 from conftest import sample
 from mrnet_core.config import ConfigError, load_file, make_config
 from mrnet_core.encode import level_metrics
-from mrnet_core.fit import fit, fit_memory_bytes, fit_stage, level_targets, loss_and_grads, max_batch
+from mrnet_core.fit import fit, fit_stage, level_targets, loss_and_grads
 from mrnet_core.network import MRNet
 
 TINY = {"first": [8, 12], "hidden": [12, 16], "levels": 2, "max_epochs": [15, 15], "lr": 1e-3, "lr_final": 1e-4}
@@ -121,15 +121,6 @@ def test_hand_written_gradients_match_autograd(model):
     assert torch.allclose(per_image, expected.detach(), atol=1e-6)
     for got, p in zip(manual, stage.parameters()):
         assert torch.allclose(got, p.grad, rtol=1e-4, atol=1e-6)
-
-
-def test_memory_model_scales_with_batch_and_bounds_the_batch():
-    cfg = make_config("default")
-    one = fit_memory_bytes(cfg, 3, 128, 128)
-    assert fit_memory_bytes(cfg, 3, 128, 128, batch=16) == 16 * one
-    assert fit_memory_bytes(cfg, 3, 256, 256) > 1.5 * one  # four times the pixels, the same step size
-    assert max_batch(cfg, 3, 128, 128, 10 * one) == 10
-    assert max_batch(cfg, 3, 128, 128, one // 2) == 1
 
 
 def test_config_files_hold_fit_keys_flat_or_in_a_fit_table(tmp_path):

@@ -21,8 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_two_node_cluster_fits_on_the_worker_node(samples, tmp_path):
     # The head has no CPU, as on a real cluster where it runs the driver only: all the work lands on the worker.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=2)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, num_gpus=0)  # a CPU worker, even where a GPU is visible
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         summary = run(str(samples), str(tmp_path / "out"), make_config("fast", {"levels": 2}), size=32)
