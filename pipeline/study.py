@@ -45,11 +45,15 @@ def read_grid(path):
             data = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read grid: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a table of [job], [fit], [grid] and [[config]]")
     unknown = set(data) - {"job", "fit", "grid", "config"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [job], [fit], [grid], [[config]]")
-    job, shared, grid = dict(data.get("job", {})), data.get("fit", {}), data.get("grid", {})
-    check_job(job)
+    for table in ("job", "fit", "grid"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"{path}: {table} must be a table ([{table}])")
+    job, shared, grid = check_job(data.get("job", {})), data.get("fit", {}), data.get("grid", {})
     variants = data.get("config", [{}])
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ConfigError(f"{path}: config must be an array of tables ([[config]])")
@@ -192,7 +196,7 @@ def cmd_study(args):
     configs, job = read_grid(args.grid)
     job.pop("preset", None)
     if args.size is not None:
-        job["size"] = args.size
+        job.update(check_job({"size": args.size}))
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     import ray
