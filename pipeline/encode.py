@@ -271,6 +271,7 @@ def cmd_encode(args):
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
+    plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its ConfigError before any file
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     from . import track
     tracker = track.start(out, getattr(args, "experiment", None), log)  # one MLflow run per job, opened first

@@ -198,10 +198,12 @@ def cmd_study(args):
     if args.size is not None:
         job.update(check_job({"size": args.size}))
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     import ray
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
+    from .encode import plan_resources
+    plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its ConfigError before any file
+    os.makedirs(out, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     # Every config's run goes to the study's store, nested under the study's run.
     previous = os.environ.get("MLFLOW_TRACKING_URI")
