@@ -11,6 +11,94 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line that names the key and the reason."""
 
 
+# Bounds of the numeric keys. A config is a file anyone may write: nothing in one may make a fit run for ever,
+# allocate gigabytes, or store weights that cannot be read back.
+MAX_LEVELS = 16  # stages; also the most entries of a per-stage list
+MAX_WIDTH = 4096  # neurons in one layer of one stage
+MAX_HIDDEN_LAYERS = 16
+MAX_PARAMS = 1 << 24  # per image (RGB): 64 MiB of float32 weights, four times that with gradients and Adam's moments
+MAX_EPOCHS = 100_000
+MAX_BATCH_PIXELS = 1 << 20
+# batch_pixels x a stage's summed widths: one step's activations, ~400 MB kept in float32. batch_pixels = 0 (the
+# whole level) grows with the image instead, which the fit's memory model (`fit.max_batch`) accounts for.
+MAX_STEP_VALUES = 1 << 25
+MAX_OMEGA = 1024.0  # first-layer band limits and the hidden-layer frequency scale
+MAX_LR = 1.0
+MAX_TARGET_BPP = 64.0  # more than raw 16-bit RGB (48 bpp)
+MAX_TARGET_PSNR = 100.0  # dB
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The numbers a key allows: `kind` (int or float) from `low` (excluded when `above_low`) to `high`."""
+
+    kind: type
+    low: float
+    high: float
+    above_low: bool = False  # a learning rate or frequency of 0 would do nothing
+
+    def __contains__(self, value):
+        return (self.low < value if self.above_low else self.low <= value) and value <= self.high  # nan: False
+
+    def __str__(self):
+        low, high = (f"{v:g}" if isinstance(v, float) else str(v) for v in (self.low, self.high))
+        kind = "an integer" if self.kind is int else "a number"
+        return f"{kind} above {low} and at most {high}" if self.above_low else f"{kind} from {low} to {high}"
+
+
+# Per-stage keys (first, hidden, omega_0, lr, max_epochs) hold a list; each entry is checked.
+BOUNDS = {
+    "levels": Bound(int, 1, MAX_LEVELS),
+    "first": Bound(int, 1, MAX_WIDTH),
+    "hidden": Bound(int, 1, MAX_WIDTH),
+    "hidden_layers": Bound(int, 0, MAX_HIDDEN_LAYERS),
+    "omega_0": Bound(float, 0, MAX_OMEGA, above_low=True),
+    "omega_hidden": Bound(float, 0, MAX_OMEGA, above_low=True),
+    "lr": Bound(float, 0, MAX_LR, above_low=True),
+    "lr_final": Bound(float, 0, MAX_LR, above_low=True),
+    "max_epochs": Bound(int, 1, MAX_EPOCHS),
+    "batch_pixels": Bound(int, 0, MAX_BATCH_PIXELS),
+    "loss_tol": Bound(float, 0, 1),  # a mean squared error of pixels in [0, 1]
+    "stall_epochs": Bound(int, 0, MAX_EPOCHS),
+    "stall_tol": Bound(float, 0, 1),
+    "seed": Bound(int, 0, MAX_SEED),
+    "weight_bits": Bound(int, 2, 32),  # and one of the widths `validate` lists
+    "qat_epochs": Bound(int, 0, MAX_EPOCHS),
+    "qat_lr": Bound(float, 0, MAX_LR, above_low=True),
+    "target_bpp": Bound(float, 0, MAX_TARGET_BPP),
+    "target_psnr": Bound(float, 0, MAX_TARGET_PSNR),
+}
+PER_STAGE = ("first", "hidden", "omega_0", "lr", "max_epochs")
+
+
+def _show(value):
+    """A value as the error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_number(key, value, bound):
+    """`value` as `bound.kind` when it is a number within `bound`; ConfigError naming the key otherwise.
+
+    Booleans are not numbers, and an int key takes a float only when it is a whole number (JSON may write 2.0).
+    """
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # The range first: a huge int must not reach float(), and nan or inf fail it.
+    if not (is_number and value in bound and (bound.kind is float or float(value).is_integer())):
+        raise ConfigError(f"{key}: must be {bound}, not {_show(value)}")
+    return bound.kind(value)
+
+
+def _checked(key, value):
+    if key not in PER_STAGE:
+        return check_number(key, value, BOUNDS[key])
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not 1 <= len(values) <= MAX_LEVELS:
+        raise ConfigError(f"{key}: must be a list of 1 to {MAX_LEVELS} entries (one per stage), not {_show(value)}")
+    return tuple(check_number(key, v, BOUNDS[key]) for v in values)
+
+
 @dataclass(frozen=True)
 class FitConfig:
     model: str = "m"
@@ -47,33 +135,37 @@ class FitConfig:
     target_psnr: float = 0.0
 
     def validate(self):
+        """This config with every number checked against BOUNDS (per-stage keys as tuples), and the keys checked
+        together; ConfigError naming the key, the value and what is allowed otherwise."""
+        checked = {key: _checked(key, getattr(self, key)) for key in BOUNDS}
+        cfg = replace(self, **checked)
         choices = {"model": MODELS, "target": ("gaussian", "laplacian"), "border": ("reflect", "wrap"),
                    "weight_bits": (32, 16, 8, 7, 6, 5, 4, 3, 2)}
         for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, not {getattr(self, key)!r}")
-        if self.periodic and self.weight_bits <= 8:
+            value = getattr(cfg, key)
+            if value not in tuple(allowed):  # a tuple: a list value must not be hashed
+                raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, not {_show(value)}")
+        if not isinstance(cfg.periodic, bool):
+            raise ConfigError(f"periodic: must be true or false, not {_show(cfg.periodic)}")
+        if cfg.periodic and cfg.weight_bits <= 8:
             raise ConfigError("weight_bits: periodic models keep float weights (32 or 16): their frequencies stay "
                               "integers")
-        if self.target == "laplacian" and self.model == "m":
+        if cfg.target == "laplacian" and cfg.model == "m":
             raise ConfigError("target: M-Net stages build on each other and need gaussian targets")
-        if self.periodic and self.model == "f":
+        if cfg.periodic and cfg.model == "f":
             raise ConfigError("periodic: a Fourier-feature MLP draws its own random frequencies; use model s, l or m")
-        positive = {"levels": self.levels, "lr_final": self.lr_final, "omega_hidden": self.omega_hidden,
-                    "qat_lr": self.qat_lr}
-        for key, value in positive.items():
-            if not value > 0:
-                raise ConfigError(f"{key}: must be positive, not {value!r}")
-        for key in ("first", "omega_0", "max_epochs", "lr") + (("hidden",) if self.model != "s" else ()):
-            values = getattr(self, key)
-            if not values or any(not (isinstance(v, (int, float)) and v > 0) for v in values):
-                raise ConfigError(f"{key}: must be a non-empty list of positive numbers, not {list(values)!r}")
-        if self.hidden_layers < 0 or (self.model != "s" and self.hidden_layers == 0):
-            raise ConfigError(f"hidden_layers: {MODELS[self.model]} needs at least one, not {self.hidden_layers}")
-        for key in ("batch_pixels", "stall_epochs", "qat_epochs", "target_bpp", "target_psnr"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key}: must be 0 or more, not {getattr(self, key)}")
-        return self
+        if cfg.model != "s" and cfg.hidden_layers == 0:
+            raise ConfigError(f"hidden_layers: {MODELS[cfg.model]} needs at least one, not 0")
+        arch = cfg.architecture(3)  # RGB: the most channels an image has
+        if arch.params() > MAX_PARAMS:
+            raise ConfigError(f"first, hidden, hidden_layers, levels: {arch.params():,} parameters per image, over the "
+                              f"limit of {MAX_PARAMS:,}; use narrower or fewer layers")
+        step = cfg.batch_pixels * max(s.first + sum(s.hidden) for s in arch.stages)
+        if step > MAX_STEP_VALUES:
+            raise ConfigError(f"batch_pixels: {cfg.batch_pixels} pixels a step through these widths is {step:,} "
+                              f"activations, over the limit of {MAX_STEP_VALUES:,}; use fewer pixels or narrower "
+                              "layers")
+        return cfg
 
     def per_stage(self, key):
         """A per-stage list of `levels` entries, finest-aligned (see the note on `first`)."""
@@ -123,19 +215,6 @@ PRESETS = {
 }
 
 
-def _coerce(key, value, kind):
-    if kind is tuple:
-        value = list(value) if isinstance(value, (list, tuple)) else [value]
-        return tuple(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{key}: must be {kind.__name__}, not {value!r}")
-    return value
-
-
 def load_file(path):
     """(fit keys, other tables) from a TOML or JSON config file.
 
@@ -160,19 +239,17 @@ def load_file(path):
 
 def make_config(preset="default", overrides=None, model=None):
     """Resolve preset, then model defaults, then overrides (a dict, e.g. from `load_file` and CLI flags)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overrides = dict(overrides or {})
-    if not isinstance(overrides, dict):
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {_show(preset)}; choose one of {', '.join(PRESETS)}")
+    if not isinstance(overrides, (dict, type(None))):
         raise ConfigError("config: must be a table of keys")
-    model = model or overrides.get("model") or "m"
-    if model not in MODELS:
-        raise ConfigError(f"model: must be one of {', '.join(MODELS)}, not {model!r}")
-    kinds = {f.name: f.type for f in fields(FitConfig)}
+    overrides = dict(overrides or {})
+    model = model or overrides.get("model", "m")
+    if not isinstance(model, str) or model not in MODELS:
+        raise ConfigError(f"model: must be one of {', '.join(MODELS)}, not {_show(model)}")
+    known = [f.name for f in fields(FitConfig)]
+    for key in overrides:
+        if key not in known:
+            raise ConfigError(f"{key}: unknown config key; known keys: {', '.join(known)}")
     merged = {**_MODEL_DEFAULTS[model], **PRESETS[preset], **overrides, "model": model}
-    values = {}
-    for key, value in merged.items():
-        if key not in kinds:
-            raise ConfigError(f"{key}: unknown config key; known keys: {', '.join(kinds)}")
-        values[key] = _coerce(key, value, kinds[key])
-    return replace(FitConfig(), **values).validate()
+    return replace(FitConfig(), **merged).validate()

@@ -16,6 +16,16 @@ from .rate import encode_at_rate, within_budget
 from .render import render
 
 
+class FitDiverged(ValueError):
+    """A fit that ended with weights that are not finite numbers: no model of it may be stored."""
+
+
+def check_finite(model):
+    """FitDiverged unless every weight of `model` is a finite number."""
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FitDiverged("the fit diverged (weights that are not finite numbers); try a smaller lr")
+
+
 @torch.no_grad()
 def level_metrics(model, images, cfg: FitConfig):
     """Per image, coarse to fine: {width, height, psnr, ssim, seam} of level k (t = k + 1) against Gaussian
@@ -45,9 +55,11 @@ def encode(images, cfg: FitConfig, device=None, progress=None, budget=None):
         return encode_at_rate(images, cfg, lambda im, c, budget: encode(im, c, device, progress, budget))
     start = time.perf_counter()
     model, reports = fit(images, cfg, device=device, progress=progress)
+    check_finite(model)
     if cfg.weight_bits <= 8:
         finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or 4096, cfg.levels,
                  cfg.border, cfg.seed)
+        check_finite(model)
     seconds = time.perf_counter() - start
     records, blobs = measure(model, images, cfg, budget=budget)
     for i, r in enumerate(records):

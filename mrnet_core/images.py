@@ -1,4 +1,4 @@
-"""Reading images into float tensors, with every conversion said, and writing them back as PNG."""
+"""Reading images into float tensors, with every conversion said, and writing them back as PNG, JPEG or WebP."""
 import io
 import os
 from pathlib import Path
@@ -112,10 +112,28 @@ def to_pil(image):
     return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
 
 
-def save_png(image, path):
-    """Write [C, H, W] (or a Pillow image) as PNG atomically (write, then rename)."""
+# What `save_image` writes, by the file's suffix; lossy formats at quality 95, so a render keeps its detail.
+WRITE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg": ("JPEG", {"quality": 95}),
+                 ".webp": ("WEBP", {"quality": 95})}
+
+
+def save_image(image, path):
+    """Write [C, H, W] (or a Pillow image) in the format its suffix names (WRITE_FORMATS); ValueError for another."""
     path = Path(path)
+    if path.suffix.lower() not in WRITE_FORMATS:
+        raise ValueError(f"{path}: cannot write {path.suffix or 'a file without a suffix'}; use "
+                         f"{', '.join(WRITE_FORMATS)}")
+    _write(image, path, *WRITE_FORMATS[path.suffix.lower()])
+
+
+def save_png(image, path):
+    """Write [C, H, W] (or a Pillow image) as PNG, whatever the suffix."""
+    _write(image, Path(path), "PNG", {})
+
+
+def _write(image, path, image_format, options):
+    """Atomically: written under a hidden name, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    (image if isinstance(image, Image.Image) else to_pil(image)).save(tmp, format="PNG")
+    (image if isinstance(image, Image.Image) else to_pil(image)).save(tmp, format=image_format, **options)
     os.replace(tmp, path)

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import torch
 
+from mrnet_core import device as devices
 from mrnet_core import modelfile
-from mrnet_core.config import ConfigError, load_file, make_config
-from mrnet_core.device import DeviceError, use_full_precision
+from mrnet_core.config import ConfigError
 from mrnet_core.encode import Failure, encode_in_batches
 from mrnet_core.export import export_mips
-from mrnet_core.images import ImageError, read_image, resize_long_side, save_png
+from mrnet_core.images import (DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageError, read_image, resize_long_side,
+                                save_image, save_png)
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
-from pipeline.settings import FIT_FLAGS, fit_overrides
+from pipeline.settings import FIT_FLAGS, resolve
 from pipeline.thumbnails import render_levels
 
 
@@ -58,23 +59,24 @@ def _write_json(path, obj):
 
 
 def cmd_fit(args):
-    overrides = fit_overrides(args, load_file(args.config)[0] if args.config else {})
-    cfg = make_config(args.preset, overrides, model=args.model)
-    if args.size is not None and args.size < 1:
-        raise ConfigError(f"--size must be a positive number of pixels, not {args.size}")
-    out = Path(args.out)
+    cfg, job = resolve(args)  # the same config files, bounds and messages as `mrnet encode`
+    encode_only = sorted(set(job) - {"size", "max_pixels"})
+    if encode_only:
+        print(f"note: {args.config}: [job] {', '.join(encode_only)}: for `mrnet encode` only", file=sys.stderr)
+    devices.resolve(args.device)  # a device that cannot be used is one line before any work
+    out = _out_folder(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     groups, failed = defaultdict(list), 0
     for path, stem in zip(args.images, _unique_stems(args.images)):
         try:
-            image, notes = read_image(path)
+            image, notes = read_image(path, job.get("max_pixels", DEFAULT_MAX_PIXELS))
         except ImageError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        if args.size:
-            image = resize_long_side(image, args.size)
+        if job.get("size"):
+            image = resize_long_side(image, job["size"])
         for note in notes:
             print(f"note: {path}: {note}", file=sys.stderr)
         groups[tuple(image.shape)].append((path, stem, image, notes))
@@ -106,52 +108,92 @@ def cmd_fit(args):
     return 1 if failed else 0
 
 
-def _numbers(text, sep, kind):
-    """`text` split on `sep` as numbers of `kind`, or [] when any part is not one."""
+# Render windows may tile the domain many times over, but not so far out that float32 coordinates lose their pixels.
+MAX_DOMAIN = 1000.0
+
+
+def _out_folder(text):
+    """--out as a folder that is there or can be made; ConfigError otherwise (nothing is made here)."""
+    out = Path(text)
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ConfigError(f"--out: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"--out: {existing}: no permission to write there")
+    return out
+
+
+def _out_image(text):
+    """--out as an image file to write, in a format its suffix names, in an existing folder; ConfigError otherwise."""
+    out = Path(text)
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a folder; name an image file")
+    if out.suffix.lower() not in WRITE_FORMATS:
+        raise ConfigError(f"--out: {out}: cannot write {out.suffix or 'a file without a suffix'}; name a "
+                          f"{', '.join(WRITE_FORMATS)} file")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out: {out.parent} is not an existing folder")
+    if not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"--out: {out.parent}: no permission to write there")
+    return out
+
+
+def _pixel_size(text):
+    """(width, height) from --size WxH: positive integers, within the pixel limit; ConfigError otherwise."""
     try:
-        return [kind(v) for v in text.split(sep)]
+        width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        return []
+        width = height = 0
+    if min(width, height) < 1:
+        raise ConfigError(f"--size: must be WxH with positive integers, not {text!r}")
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ConfigError(f"--size: {text} is {width * height:,} pixels, over the limit of {DEFAULT_MAX_PIXELS:,}")
+    return width, height
+
+
+def _window(text):
+    """(x0, y0, x1, y1) from --domain: finite, x0 < x1 and y0 < y1, within MAX_DOMAIN; ConfigError otherwise."""
+    try:
+        window = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        window = ()
+    if not (len(window) == 4 and all(abs(v) <= MAX_DOMAIN for v in window)  # nan and inf fail
+            and window[0] < window[2] and window[1] < window[3]):
+        raise ConfigError(f"--domain: must be x0,y0,x1,y1 with x0 < x1 and y0 < y1, each within "
+                          f"[-{MAX_DOMAIN:g}, {MAX_DOMAIN:g}], not {text!r}")
+    return window
 
 
 def cmd_render(args):
+    window = _window(args.domain) if args.domain else FULL_DOMAIN
+    size = _pixel_size(args.size) if args.size else None
+    out = _out_image(args.out)
     model, meta = modelfile.load(args.model)
-    window = FULL_DOMAIN
-    if args.domain:
-        window = tuple(_numbers(args.domain, ",", float))
-        if len(window) != 4 or window[0] == window[2] or window[1] == window[3]:
-            raise SystemExit(f"error: --domain must be x0,y0,x1,y1 with x0 != x1 and y0 != y1, not {args.domain!r}")
-    if args.size:
-        size = _numbers(args.size.lower(), "x", int)
-        if len(size) != 2 or min(size) < 1:
-            raise SystemExit(f"error: --size must be WxH with positive integers, not {args.size!r}")
+    if size:
         width, height = size
     else:  # the model's native sampling density over the window
-        width = max(1, round(meta["width"] * abs(window[2] - window[0]) / 2))
-        height = max(1, round(meta["height"] * abs(window[3] - window[1]) / 2))
+        width = max(1, round(meta["width"] * (window[2] - window[0]) / 2))
+        height = max(1, round(meta["height"] * (window[3] - window[1]) / 2))
+        if width * height > DEFAULT_MAX_PIXELS:
+            raise ConfigError(f"--domain: this window at the model's own resolution is {width}x{height} pixels, over "
+                              f"the limit of {DEFAULT_MAX_PIXELS:,}; give --size")
     n = len(model.stages)
     t = args.level if args.level is not None else antialiased_level(meta["levels"], width, height, window)
     if not 0 <= t <= n:
-        raise SystemExit(f"error: --level must lie in [0, {n}] for this {n}-stage model, not {t}")
+        raise ConfigError(f"--level: must lie in [0, {n}] for this {n}-stage model, not {t}")
     image = render(model, width, height, t=t, window=window, index=0).clamp(0, 1)
-    save_png(image, args.out)
-    print(f"wrote {args.out}: {width}x{height}, level of detail t={t:.2f}")
+    save_image(image, out)
+    print(f"wrote {out}: {width}x{height}, level of detail t={t:.2f}")
     return 0
 
 
 def cmd_export(args):
+    sizes = [_pixel_size(args.size)] if args.size else None
+    out = _out_folder(args.out)
     model, meta = modelfile.load(args.model)
-    sizes = None
-    if args.size:
-        size = _numbers(args.size.lower(), "x", int)
-        if len(size) != 2 or min(size) < 1:
-            raise SystemExit(f"error: --size must be WxH with positive integers, not {args.size!r}")
-        sizes = [tuple(size)]
-    elif not args.mips:
-        raise SystemExit("error: give --mips for the mip chain, or --size WxH")
-    manifest = export_mips(model, meta, args.out, sizes)
+    manifest = export_mips(model, meta, out, sizes)
     seconds = sum(e["seconds"] for e in manifest["images"])
-    print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {args.out} in {seconds:.2f} s")
+    print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {out} in {seconds:.2f} s")
     return 0
 
 
@@ -159,6 +201,9 @@ def cmd_export_collection(args):
     """Every periodic (texture) model of an encode job's output, as mip chains under DIR/<image_id>/."""
     from pipeline import store
 
+    out = _out_folder(args.out)
+    if "://" not in args.collection and not os.path.isdir(os.path.join(args.collection, "encodings")):
+        raise FileNotFoundError(f"{args.collection}: no encodings there: not an `mrnet encode` output folder")
     table = store.read_table(args.collection, "encodings", ["image_id", "uri", "architecture", "weights"])
     count = 0
     for batch in table.to_batches(max_chunksize=64):
@@ -166,19 +211,22 @@ def cmd_export_collection(args):
             if not json.loads(row["architecture"]).get("periodic"):
                 continue
             model, meta = modelfile.from_bytes(row["weights"], row["uri"])
-            export_mips(model, meta, Path(args.out) / row["image_id"])
+            export_mips(model, meta, out / row["image_id"])
             count += 1
-    print(f"exported {count} texture(s) of {table.num_rows} encoding(s) to {args.out}")
+    print(f"exported {count} texture(s) of {table.num_rows} encoding(s) to {out}")
     return 0
 
 
 def cmd_encode(args):
+    if "://" not in args.out:
+        _out_folder(args.out)
     from pipeline.encode import cmd_encode  # here, so that the other commands never load Ray
 
     return cmd_encode(args)
 
 
 def cmd_study(args):
+    _out_folder(args.out)
     from pipeline.study import cmd_study  # here, so that the other commands never load Ray
 
     return cmd_study(args)
@@ -196,16 +244,23 @@ def cmd_render_collection(args):
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported on one line (exit status 2) like a bad config."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="mrnet", description="Encode images as multiresolution sinusoidal networks.")
+    parser = _Parser(prog="mrnet", description="Encode images as multiresolution sinusoidal networks.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit one MR-Net per image; images of the same size are fitted together")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=sorted(MODELS), help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP")
-    p.add_argument("--preset", default="default", help="default, fast or texture")
-    p.add_argument("--config", help="TOML or JSON file of config keys (see README)")
+    p.add_argument("--preset", help="default (unless the config's [job] table names one), fast, texture or compact")
+    p.add_argument("--config", help="TOML or JSON file: fit keys, or [fit] and [job] tables as for encode (see README)")
     p.add_argument("--size", type=int, help="resize so that the long side is S pixels")
     p.add_argument("--levels", type=int, help="number of levels (stages)")
     p.add_argument("--seed", type=int)
@@ -216,7 +271,7 @@ def build_parser():
 
     p = sub.add_parser("render", help="render a model at any size, window and level of detail")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--out", required=True, help="output image (PNG)")
+    p.add_argument("--out", required=True, help="output image: .png, .jpg, .jpeg or .webp")
     p.add_argument("--size", help="WxH (default: the model's own resolution over the window)")
     p.add_argument("--level", type=float, help="level of detail t in [0, N] (default: anti-aliased, from the size)")
     p.add_argument("--domain", help="window x0,y0,x1,y1 of the domain (default -1,-1,1,1); may lie outside it")
@@ -225,8 +280,9 @@ def build_parser():
     p = sub.add_parser("export", help="texture assets: the mip chain, or one render of any size")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mips", action="store_true", help="every size halving down to 1 px, each anti-aliased")
-    p.add_argument("--size", help="WxH: one render of this size instead")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--mips", action="store_true", help="every size halving down to 1 px, each anti-aliased")
+    what.add_argument("--size", help="WxH: one render of this size instead")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("export-collection", help="mip chains of every texture model in an encode job's output")
@@ -277,12 +333,15 @@ def _join_domain(argv):
 
 def main(argv=None):
     args = build_parser().parse_args(_join_domain(sys.argv[1:] if argv is None else argv))
-    use_full_precision()
+    devices.use_full_precision()
     try:
         return args.run(args)
-    except (ConfigError, DeviceError, modelfile.ModelFileError) as e:
+    except (ConfigError, devices.DeviceError) as e:  # a bad flag or config, or an unusable device: before any work
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ImageError, modelfile.ModelFileError, OSError) as e:  # input that cannot be used, or a failed write
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ def plan_resources(num_gpus, num_cpus, actors):
         actors = int(gpus // num_gpus) if num_gpus else int(max(1, cpus - 1) // num_cpus)
     actors = max(1, actors)
     threads = max(1, int(num_cpus)) if num_gpus else max(1, int(num_cpus), int(cpus // actors))
+    if num_gpus:
+        check_gpu_workers(num_gpus)
     return num_gpus, actors, threads
 
 
@@ -246,8 +248,6 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     start = time.perf_counter()
     cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT})
     num_gpus, actors, threads = plan_resources(num_gpus, num_cpus, actors)
-    if num_gpus:
-        check_gpu_workers(num_gpus)
     store.remove_temporaries(out)
     listing = store.join(out, "_listing", cfg_id)
     listed = write_listing(list_images(source), listing)
@@ -316,6 +316,7 @@ def cmd_encode(args):
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
+    plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its errors before any file
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     from . import track
     tracker = track.start(out, getattr(args, "experiment", None), log)  # one MLflow run per job, opened first

@@ -2,7 +2,10 @@
 
 Kept apart from `encode` (which loads Ray) so that `mrnet fit` and grid files can use it without Ray.
 """
-from mrnet_core.config import ConfigError, load_file, make_config
+import math
+
+from mrnet_core.config import Bound, ConfigError, check_number, load_file, make_config
+from mrnet_core.images import DEFAULT_MAX_PIXELS
 
 # Fit keys that also have flags, on both `fit` and `encode`: compact weights and rate control.
 FIT_FLAGS = [("--weight-bits", int, "store weights at 32, 16 (float) or 2-8 bits (quantised, entropy-coded)"),
@@ -19,8 +22,17 @@ def fit_overrides(args, overrides):
     return overrides
 
 
-JOB_KEYS = {"preset": str, "size": int, "max_pixels": int, "batch_size": int, "actors": int, "num_gpus": float,
-            "num_cpus": float}
+# Bounds of the [job] table's numbers and of the flags that set them.
+MAX_SIZE = math.isqrt(DEFAULT_MAX_PIXELS)  # a square image with this long side is within the pixel limit
+MAX_BATCH_SIZE = 1024
+MAX_ACTORS = 1024
+MAX_GPUS_PER_ACTOR = 16.0
+MAX_CPUS_PER_ACTOR = 1024.0
+
+JOB_KEYS = {"preset": str, "size": Bound(int, 1, MAX_SIZE), "max_pixels": Bound(int, 1, DEFAULT_MAX_PIXELS),
+            "batch_size": Bound(int, 1, MAX_BATCH_SIZE), "actors": Bound(int, 1, MAX_ACTORS),
+            "num_gpus": Bound(float, 0, MAX_GPUS_PER_ACTOR),
+            "num_cpus": Bound(float, 0, MAX_CPUS_PER_ACTOR, above_low=True)}
 
 
 def read_config_file(path):
@@ -33,14 +45,18 @@ def read_config_file(path):
 
 
 def check_job(job):
-    """The [job] table, each key known and of the right type; ConfigError otherwise."""
+    """The [job] table with each key known, each number within its bound; ConfigError otherwise."""
+    checked = {}
     for k, v in job.items():
         if k not in JOB_KEYS:
             raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")
-        if not isinstance(v, JOB_KEYS[k]) and not (JOB_KEYS[k] is float and isinstance(v, int)) or \
-                isinstance(v, bool):
-            raise ConfigError(f"job.{k}: must be {JOB_KEYS[k].__name__}, not {v!r}")
-    return job
+        if JOB_KEYS[k] is str:
+            if not isinstance(v, str):
+                raise ConfigError(f"{k}: must be a string, not a {type(v).__name__}")
+            checked[k] = v
+        else:
+            checked[k] = check_number(k, v, JOB_KEYS[k])
+    return checked
 
 
 def resolve(args):
@@ -49,11 +65,6 @@ def resolve(args):
     for k in JOB_KEYS:
         if getattr(args, k, None) is not None:
             job[k] = getattr(args, k)
+    job = check_job(job)
     fit = fit_overrides(args, fit)
-    cfg = make_config(job.pop("preset", "default"), fit, model=getattr(args, "model", None))
-    for k in ("size", "max_pixels", "batch_size", "actors", "num_cpus"):
-        if job.get(k) is not None and job[k] <= 0:
-            raise ConfigError(f"{k}: must be positive, not {job[k]}")
-    if job.get("num_gpus", 0) < 0:
-        raise ConfigError(f"num_gpus: must be 0 or more, not {job['num_gpus']}")
-    return cfg, job
+    return make_config(job.pop("preset", "default"), fit, model=getattr(args, "model", None)), job

@@ -45,11 +45,15 @@ def read_grid(path):
             data = json.load(f) if str(path).endswith(".json") else tomllib.load(f)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read grid: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a table of [job], [fit], [grid] and [[config]]")
     unknown = set(data) - {"job", "fit", "grid", "config"}
     if unknown:
         raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [job], [fit], [grid], [[config]]")
-    job, shared, grid = dict(data.get("job", {})), data.get("fit", {}), data.get("grid", {})
-    check_job(job)
+    for table in ("job", "fit", "grid"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"{path}: {table} must be a table ([{table}])")
+    job, shared, grid = check_job(data.get("job", {})), data.get("fit", {}), data.get("grid", {})
     variants = data.get("config", [{}])
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         raise ConfigError(f"{path}: config must be an array of tables ([[config]])")
@@ -192,12 +196,14 @@ def cmd_study(args):
     configs, job = read_grid(args.grid)
     job.pop("preset", None)
     if args.size is not None:
-        job["size"] = args.size
+        job.update(check_job({"size": args.size}))
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     import ray
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
+    from .encode import plan_resources
+    plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its ConfigError before any file
+    os.makedirs(out, exist_ok=True)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     # Every config's run goes to the study's store, nested under the study's run.
     previous = os.environ.get("MLFLOW_TRACKING_URI")

@@ -72,11 +72,9 @@ def test_render_any_size_level_and_window(fitted, tmp_path):
     [
         (["fit", "samples/camera.png", "--out", "o", "--preset", "huge"], "unknown preset"),
         (["fit", "samples/camera.png", "--out", "o", "--model", "q"], "invalid choice"),
-        (["fit", "samples/camera.png", "--out", "o", "--size", "0"], "--size must be a positive"),
+        (["fit", "samples/camera.png", "--out", "o", "--size", "0"], "size: must be an integer from 1 to"),
         (["fit", "samples/camera.png", "--out", "o", "--weight-bits", "12"], "weight_bits: must be one of"),
         (["fit", "samples/camera.png", "--out", "o", "--preset", "texture", "--weight-bits", "8"], "periodic"),
-        (["render", "nothing.mrnet", "--out", "x.png"], "nothing.mrnet: cannot read"),
-        (["render", "samples/camera.png", "--out", "x.png"], "not an .mrnet model file"),
     ],
 )
 def test_bad_arguments_give_one_clear_error(args, message):
@@ -85,11 +83,18 @@ def test_bad_arguments_give_one_clear_error(args, message):
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("model,message", [("nothing.mrnet", "nothing.mrnet: cannot read"),
+                                           ("samples/camera.png", "not an .mrnet model file")])
+def test_a_model_that_cannot_be_read_is_a_data_error(model, message, tmp_path):
+    result = mrnet("render", model, "--out", tmp_path / "x.png")
+    assert result.returncode == 1 and message in result.stderr and not (tmp_path / "x.png").exists()
+
+
 def test_bad_render_arguments(fitted, tmp_path):
     _, out = fitted
     for flag, value, message in [("--size", "12", "WxH"), ("--domain", "0,0,0,1", "x0,y0,x1,y1"), ("--level", "7", "[0, 2]")]:
         result = mrnet("render", out / "astronaut.mrnet", "--out", tmp_path / "x.png", flag, value)
-        assert result.returncode != 0 and message in result.stderr
+        assert result.returncode == 2 and message in result.stderr
 
 
 def test_config_file_is_validated(tmp_path):

@@ -86,11 +86,11 @@ def test_bad_configs_are_one_clear_line():
         make_config("default", {"learning_rate": 1})
     with pytest.raises(ConfigError, match="M-Net"):
         make_config("default", {"target": "laplacian"})
-    with pytest.raises(ConfigError, match="lr: must be a non-empty list of positive"):
+    with pytest.raises(ConfigError, match="lr: must be a number above 0 and at most 1, not -1.0"):
         make_config("default", {"lr": -1.0})
     with pytest.raises(ConfigError, match="unknown preset"):
         make_config("huge")
-    with pytest.raises(ConfigError, match="levels: must be int"):
+    with pytest.raises(ConfigError, match="levels: must be an integer from 1 to 16, not 'three'"):
         make_config("default", {"levels": "three"})
 
 

@@ -153,7 +153,7 @@ def test_bad_config_is_one_line_before_any_work(tmp_path, capsys):
     assert err.startswith("error: levles: unknown config key") and "\n" not in err
     config.write_text("[job]\nsize = -3\n")
     assert main(["encode", "samples", "--out", str(tmp_path / "out"), "--config", str(config)]) == 2
-    assert "size: must be positive" in capsys.readouterr().err
+    assert "size: must be an integer from 1 to" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
