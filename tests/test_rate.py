@@ -9,7 +9,8 @@ from mrnet_core.encode import encode, measure
 from mrnet_core.fit import fit
 from mrnet_core.modelfile import from_bytes, to_bytes
 from mrnet_core.pyramid import level_sizes
-from mrnet_core.quantize import finetune, quantised_parameters
+from mrnet_core.network import MRNet
+from mrnet_core.quantize import dequantise, fake_quantise, finetune, level_outputs, quantise, quantised_parameters
 from mrnet_core.rate import within_budget
 
 from conftest import sample
@@ -17,6 +18,26 @@ from conftest import sample
 
 def photo(name):
     return sample(name, 32)
+
+
+@pytest.mark.parametrize("model", ["s", "l", "m"])
+def test_the_joint_step_evaluates_every_level_as_the_network_does(model):
+    # Each stage runs once over the rows of all the levels it contributes to; level k must still be f(x, k + 1).
+    net = MRNet(make_config("fast", model=model).architecture(3), batch=2, seed=1)
+    rows = [5, 7, 11]
+    x = torch.rand(2, sum(rows), 2) * 2 - 1
+    starts = [0, 5, 12]
+    out = level_outputs(net, dict(net.named_parameters()), x, starts)
+    for k, (start, n) in enumerate(zip(starts, rows)):
+        expected = net(x[:, start : start + n], k + 1)
+        assert torch.allclose(out[:, start : start + n], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 6, 8, 12])
+def test_fake_quantisation_is_the_stored_grid(bits):
+    for shape in [(2, 64, 40), (2, 10, 7), (2, 33)]:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(bits)) * 0.3
+        assert torch.equal(fake_quantise(w, bits), dequantise(*quantise(w, bits)))
 
 
 def test_quantisation_aware_finetuning_beats_rounding_after_the_fit():
