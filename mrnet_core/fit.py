@@ -14,7 +14,7 @@ import torch
 from . import device as devices
 from .config import FitConfig
 from .network import MRNet
-from .pyramid import gaussian_pyramid, laplacian_from_gaussian, level_sizes, pixel_grid
+from .pyramid import gaussian_pyramid, laplacian_from_gaussian, pixel_grid
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Layout (all numbers little-endian):
 
     magic     8 bytes  b"\\x89MRNET\\r\\n"
-    version   uint32   3
+    version   uint32   4
     header    model (ASCII s/l/m/f), channels, in_features, flags (1: periodic, 2: wrap border) as four uint8;
               omega_hidden float32; width, height uint32; stage count uint8; per stage: first-layer width
               uint16, hidden-layer count uint8, omega_0 float32, hidden widths uint16 each; weight bits uint8
@@ -16,35 +16,75 @@ Layout (all numbers little-endian):
               count (uint32) and the symbols of all tensors, range-coded (uint32 words) under a zero-mean
               quantised Gaussian per tensor, or a uniform model where that is cheaper (spread code 0).
               Decoding is exact: the symbols come back bit for bit.
+    checksum  uint32   CRC-32 (zlib's) of every byte before it: magic, version, header and payload
 
 The level sizes are not stored: they follow from the width, height and stage count (`pyramid.level_sizes`).
-Reading checks every field and the payload's exact size before decoding, so a corrupt or hostile file is
-rejected with a clear error, and nothing in it is ever executed.
+
+Reading a file refuses anything but a regular file of at most MAX_FILE_BYTES before reading a byte (so a FIFO or
+a device is an error, not a hang), then checks the magic, the version, the checksum (any truncation or flipped
+byte is caught here), every header field against the bounds below, and the payload's exact size, all before
+anything is allocated; nothing in a file is ever executed. The checksum guards against corruption, not against
+a forger, who can recompute it: the bounds are what keep a hostile file harmless, and they apply to every file.
+
+    channels 1 or 3; in_features 2; flags 0 to 3
+    width, height  1 or more, width x height at most images.DEFAULT_MAX_PIXELS, and enough for the stage count
+    stages         1 to MAX_STAGES; per stage at most MAX_HIDDEN_LAYERS hidden layers
+    layer widths   1 to MAX_LAYER_WIDTH; parameters in all at most MAX_PARAMS
+    omegas         finite, above 0 and at most MAX_OMEGA
+
+Version 3 files (main's, without the checksum) are still read, under the same bounds; any other version is
+refused with a message saying which versions this reader knows. `to_bytes` refuses a model outside the bounds,
+so every file written can be read back.
 
 Entropy coding is `constriction`'s range coder (maintained, Rust, with numpy in and out): the symbols of a
 tensor are close to a Gaussian, and coding them under that model costs within 0.2 bit of
 their empirical entropy with one byte of side information per tensor (measured in docs/performance.md).
 """
+import dataclasses
 import math
 import os
+import stat
 import struct
+import zlib
 from pathlib import Path
 
 import constriction
 import numpy as np
 import torch
 
+from .images import DEFAULT_MAX_PIXELS
 from .network import MODELS, Architecture, MRNet, StageSpec, snap_periodic
 from .pyramid import level_sizes
 from .quantize import code_to_value, column_steps, dequantise, max_symbol, quantise, tensor_bits, value_to_code
 
 MAGIC = b"\x89MRNET\r\n"
-VERSION = 3
+VERSION = 4
+UNCHECKED_VERSION = 3  # main's format: no checksum, still read (under the same bounds) so released files keep working
 BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
 MAX_PARAMS = 50_000_000  # 200 MB of float32: far beyond any MR-Net, small enough to refuse hostile headers
+# Header bounds, all far beyond any MR-Net this project fits (the papers' largest: 7 stages, widths 256, omega_0
+# up to a few hundred), checked before anything is allocated.
+MAX_STAGES = 16  # a side halves 16 times from 65,536 pixels to 1
+MAX_HIDDEN_LAYERS = 16
+MAX_LAYER_WIDTH = 8192
+MAX_OMEGA = 1e5  # above the Nyquist band (pi x side / 2, about 2.1e4) of the largest image DEFAULT_MAX_PIXELS allows
+CHANNELS = (1, 3)  # grey or RGB, as `images.decode` makes them
+IN_FEATURES = 2  # (x, y)
+KNOWN_FLAGS = 3  # 1: periodic, 2: wrap border
 MIN_SPREAD = 0.25  # the Gaussian's standard deviation, in steps, never goes below this
 _HEAD = struct.Struct("<4BfIIB")
 _STAGE = struct.Struct("<HBf")
+_CHECKSUM = struct.Struct("<I")
+# (struct format, byte offset) of the fixed header fields and of the first stage's, for tools that edit files
+# (the fuzz tests and bench/fuzz_modelfile.py).
+_FIELDS = dict(zip(("model", "channels", "in_features", "flags", "omega_hidden", "width", "height", "stages"),
+                   zip("BBBBfIIB", (12, 13, 14, 15, 16, 20, 24, 28))))
+_FIELDS.update(first=("H", 29), hidden_layers=("B", 31), omega_0=("f", 32), hidden=("H", 36))
+_MAX_HEADER_BYTES = len(MAGIC) + 4 + _HEAD.size + MAX_STAGES * (_STAGE.size + 2 * MAX_HIDDEN_LAYERS) + 1
+# The largest file a legal header can describe: float32 weights (the quantised payloads `to_bytes` makes are
+# smaller: about 12 coded bits and at most one step byte per value), the header and the checksum. Reading refuses
+# a bigger file before reading it.
+MAX_FILE_BYTES = _MAX_HEADER_BYTES + 4 * MAX_PARAMS + _CHECKSUM.size
 
 
 class ModelFileError(ValueError):
@@ -93,6 +133,41 @@ def _spread_code(symbols, bits):
     return min(costs, key=costs.get)
 
 
+def _omega_problem(name, omega):
+    if not (math.isfinite(omega) and 0 < omega <= MAX_OMEGA):
+        return f"{name} {omega} is not a finite number in (0, {MAX_OMEGA:g}]"
+    return None
+
+
+def _bounds_problem(model, channels, in_features, flags, omega_hidden, width, height, stages, bits):
+    """Why these header fields are outside the documented bounds (module docstring), or None when they are not.
+
+    Shared by the reader and the writer, so a file that is written can always be read back.
+    """
+    if model not in MODELS:
+        return f"model kind {model!r} is not one of {', '.join(sorted(MODELS))}"
+    if channels not in CHANNELS:
+        return f"{channels} channels (not 1 or 3)"
+    if in_features != IN_FEATURES:
+        return f"{in_features} input features (not {IN_FEATURES})"
+    if flags & ~KNOWN_FLAGS:
+        return f"unknown flags {flags:#x}"
+    if bits not in BITS:
+        return f"weight bits {bits} (not one of {', '.join(map(str, BITS))})"
+    if not (width >= 1 and height >= 1 and width * height <= DEFAULT_MAX_PIXELS):
+        return f"image size {width}x{height} is outside 1 to {DEFAULT_MAX_PIXELS:,} pixels"
+    if not 1 <= len(stages) <= MAX_STAGES:
+        return f"{len(stages)} stages (not 1 to {MAX_STAGES})"
+    problems = [_omega_problem("omega_hidden", omega_hidden)]
+    for i, s in enumerate(stages):
+        if len(s.hidden) > MAX_HIDDEN_LAYERS:
+            problems.append(f"stage {i} has {len(s.hidden)} hidden layers (at most {MAX_HIDDEN_LAYERS})")
+        if not all(1 <= w <= MAX_LAYER_WIDTH for w in (s.first, *s.hidden)):
+            problems.append(f"stage {i} layer widths {[s.first, *s.hidden]} are not 1 to {MAX_LAYER_WIDTH}")
+        problems.append(_omega_problem(f"stage {i} omega_0", s.omega_0))
+    return next((p for p in problems if p), None)
+
+
 def _header(arch, meta, bits):
     flags = int(arch.periodic) | 2 * (meta.get("border", "reflect") == "wrap")
     out = [MAGIC, struct.pack("<I", VERSION), _HEAD.pack(ord(arch.model), arch.channels, arch.in_features, flags,
@@ -101,6 +176,11 @@ def _header(arch, meta, bits):
         out.append(_STAGE.pack(s.first, len(s.hidden), s.omega_0) + struct.pack(f"<{len(s.hidden)}H", *s.hidden))
     out.append(struct.pack("<B", bits))
     return b"".join(out)
+
+
+def _seal(body):
+    """The file: `body` (magic to payload) followed by its CRC-32."""
+    return body + _CHECKSUM.pack(zlib.crc32(body))
 
 
 def _meta(arch, width, height, border):
@@ -119,6 +199,12 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0):
     arch = model.arch
     if bits <= 8 and arch.periodic:
         raise ValueError("periodic models keep float weights (bits 32 or 16): their frequencies must stay integers")
+    problem = _bounds_problem(arch.model, arch.channels, arch.in_features, 0, arch.omega_hidden, meta["width"],
+                              meta["height"], arch.stages, bits)
+    if problem is None and arch.params() > MAX_PARAMS:
+        problem = f"{arch.params():,} parameters (at most {MAX_PARAMS:,})"
+    if problem:
+        raise ValueError(f"this model is outside what a model file may hold: {problem}")
     expected = _meta(arch, meta["width"], meta["height"], meta.get("border", "reflect"))
     if [list(s) for s in meta["levels"]] != expected["levels"]:
         raise ValueError(f"meta levels {meta['levels']} do not follow from the size and stage count")
@@ -127,7 +213,7 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0):
     if bits > 8:
         dtype = "<f4" if bits == 32 else "<f2"
         parts += [t[0].detach().cpu().numpy().astype(dtype).tobytes() for t, _ in tensors]
-        return b"".join(parts)
+        return _seal(b"".join(parts))
     codes, symbols = zip(*(quantise(t, b, coarser if b == bits else 0) for t, b in tensors))
     symbols = [s.cpu().numpy().ravel().astype(np.int32) for s in symbols]
     spreads = [_spread_code(s, b) for s, (_, b) in zip(symbols, tensors)]
@@ -138,22 +224,43 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0):
     parts += [c.cpu().numpy().astype(np.uint8).tobytes() for c in codes]
     parts += [bytes(spreads)]
     parts += [struct.pack("<I", len(words)), words.astype("<u4").tobytes()]
-    return b"".join(parts)
+    return _seal(b"".join(parts))
 
 
-def _read_header(data, fail):
-    if len(data) < len(MAGIC) + 4 or not data.startswith(MAGIC):
+def _check_envelope(data, fail):
+    """The end of the payload, once the magic, the version, the size and (version 4) the checksum are right."""
+    if len(data) < len(MAGIC) + 4 or bytes(data[: len(MAGIC)]) != MAGIC:
         raise fail("not an .mrnet model file (bad magic bytes)")
     (version,) = struct.unpack_from("<I", data, len(MAGIC))
-    if version != VERSION:
-        raise fail(f"model file version {version} is not supported (this reader knows version {VERSION})")
+    if version not in (VERSION, UNCHECKED_VERSION):
+        raise fail(f"model file version {version} is not supported (this reader knows versions "
+                   f"{UNCHECKED_VERSION} and {VERSION})")
+    if len(data) > MAX_FILE_BYTES:
+        raise fail(f"{len(data):,} bytes is more than any model file holds ({MAX_FILE_BYTES:,})")
+    if version == UNCHECKED_VERSION:
+        return len(data)
+    end = len(data) - _CHECKSUM.size
+    if end < len(MAGIC) + 4:
+        raise fail("too short for a checksum (truncated)")
+    (stored,) = _CHECKSUM.unpack_from(data, end)
+    if zlib.crc32(memoryview(data)[:end]) != stored:
+        raise fail("checksum mismatch: the file is truncated or corrupt")
+    return end
+
+
+def _read_header(data, end, fail):
+    """(architecture, meta, bits, payload offset) from a header that lies within data[:end] and within bounds."""
     offset = len(MAGIC) + 4
     try:
         model, channels, in_features, flags, omega_hidden, width, height, n = _HEAD.unpack_from(data, offset)
         offset += _HEAD.size
+        if not 1 <= n <= MAX_STAGES:  # before the loop: the count sizes it
+            raise fail(f"bad header: {n} stages (not 1 to {MAX_STAGES})")
         stages = []
-        for _ in range(n):
+        for i in range(n):
             first, n_hidden, omega_0 = _STAGE.unpack_from(data, offset)
+            if n_hidden > MAX_HIDDEN_LAYERS:
+                raise fail(f"bad header: stage {i} has {n_hidden} hidden layers (at most {MAX_HIDDEN_LAYERS})")
             hidden = struct.unpack_from(f"<{n_hidden}H", data, offset + _STAGE.size)
             offset += _STAGE.size + 2 * n_hidden
             stages.append(StageSpec(first, tuple(hidden), omega_0))
@@ -161,19 +268,24 @@ def _read_header(data, fail):
         offset += 1
     except struct.error:
         raise fail("header runs past the end of the file (truncated?)") from None
-    if chr(model) not in MODELS or bits not in BITS or not (math.isfinite(omega_hidden) and width and height):
-        raise fail(f"bad header: model {model}, bits {bits}, omega_hidden {omega_hidden}, size {width}x{height}")
+    if offset > end:
+        raise fail("header runs past the end of the file (truncated?)")
+    problem = _bounds_problem(chr(model), channels, in_features, flags, omega_hidden, width, height, stages, bits)
+    if problem:
+        raise fail(f"bad header: {problem}")
     try:
         arch = Architecture(chr(model), channels, tuple(stages), omega_hidden, in_features, bool(flags & 1))
     except ValueError as e:
         raise fail(f"bad header: {e}") from None
-    if not all(math.isfinite(s.omega_0) for s in stages):
-        raise fail("bad header: omega_0 is not finite")
     if arch.params() > MAX_PARAMS:
         raise fail(f"bad header: {arch.params():,} parameters is more than any MR-Net this reader accepts")
     if bits <= 8 and arch.periodic:
         raise fail("bad header: periodic models are stored with float weights")
-    return arch, _meta(arch, width, height, "wrap" if flags & 2 else "reflect"), bits, offset
+    try:
+        meta = _meta(arch, width, height, "wrap" if flags & 2 else "reflect")
+    except ValueError as e:  # too small for its stage count
+        raise fail(f"bad header: {e}") from None
+    return arch, meta, bits, offset
 
 
 def _decode(payload, arch, bits, fail):
@@ -216,11 +328,17 @@ def from_bytes(data: bytes, name="<bytes>"):
     def fail(reason):
         return ModelFileError(f"{name}: {reason}")
 
-    arch, meta, bits, offset = _read_header(data, fail)
-    values = _decode(memoryview(data)[offset:], arch, bits, fail)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise fail(f"no model bytes (got {type(data).__name__})")
+    end = _check_envelope(data, fail)
+    arch, meta, bits, offset = _read_header(data, end, fail)
+    values = _decode(memoryview(data)[offset:end], arch, bits, fail)
     if not all(np.isfinite(v).all() for v in values):
         raise fail("weights contain NaN or infinity")
-    model = MRNet(arch, batch=1)
+    # Built without periodic first layers: the file's weights replace the initial draw, and drawing periodic
+    # frequencies costs time and memory that grow with omega_0 squared.
+    model = MRNet(dataclasses.replace(arch, periodic=False), batch=1)
+    model.arch = arch
     with torch.no_grad():
         for (t, _, _), v in zip(_tensors(model), values):
             t[0].copy_(torch.from_numpy(v))
@@ -239,9 +357,36 @@ def save(path, model, meta, bits=32, index=0):
     return len(data)
 
 
-def load(path):
+_NOT_REGULAR = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _refuse_unless_small_regular(path, info):
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(info.st_mode)), "not a regular file")
+        raise ModelFileError(f"{path}: is {kind}, not a model file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ModelFileError(f"{path}: {info.st_size:,} bytes is more than any model file holds ({MAX_FILE_BYTES:,})")
+
+
+def read_file(path):
+    """A model file's bytes. Anything but a regular file of at most MAX_FILE_BYTES is refused before it is read
+    (a FIFO would block, a device could be endless)."""
     try:
-        data = Path(path).read_bytes()
+        _refuse_unless_small_regular(path, os.stat(path))
+        # Non-blocking, so that a file swapped for a FIFO after the stat above cannot block the open; fstat then
+        # checks what was really opened.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            _refuse_unless_small_regular(path, os.fstat(f.fileno()))
+            data = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    return from_bytes(data, str(path))
+    if len(data) > MAX_FILE_BYTES:  # it grew after the check
+        raise ModelFileError(f"{path}: more than any model file holds ({MAX_FILE_BYTES:,} bytes)")
+    return data
+
+
+def load(path):
+    """(MRNet with batch 1, meta) from a model file; ModelFileError naming the path for anything wrong."""
+    return from_bytes(read_file(path), str(path))

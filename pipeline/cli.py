@@ -198,23 +198,34 @@ def cmd_export(args):
 
 
 def cmd_export_collection(args):
-    """Every periodic (texture) model of an encode job's output, as mip chains under DIR/<image_id>/."""
+    """Every periodic (texture) model of an encode job's output, as mip chains under DIR/<image_id>/.
+
+    A row that cannot be used (image_id not 64 hex digits, bad weights or architecture) is reported and skipped;
+    the others are still exported (exit status 1).
+    """
     from pipeline import store
+    from pipeline.collection import BadRow, load_row, row_architecture, row_label
 
     out = _out_folder(args.out)
     if "://" not in args.collection and not os.path.isdir(os.path.join(args.collection, "encodings")):
         raise FileNotFoundError(f"{args.collection}: no encodings there: not an `mrnet encode` output folder")
     table = store.read_table(args.collection, "encodings", ["image_id", "uri", "architecture", "weights"])
-    count = 0
+    count = skipped = 0
     for batch in table.to_batches(max_chunksize=64):
         for row in batch.to_pylist():
-            if not json.loads(row["architecture"]).get("periodic"):
+            try:
+                if not row_architecture(row).get("periodic"):
+                    continue  # not a texture: its weights need not be decoded
+                model, meta = load_row(row)
+            except BadRow as e:
+                print(f"warning: export-collection: skipped the row of {row_label(row)}: {e}", file=sys.stderr)
+                skipped += 1
                 continue
-            model, meta = modelfile.from_bytes(row["weights"], row["uri"])
             export_mips(model, meta, out / row["image_id"])
             count += 1
-    print(f"exported {count} texture(s) of {table.num_rows} encoding(s) to {out}")
-    return 0
+    print(f"exported {count} texture(s) of {table.num_rows} encoding(s) to {out}"
+          + (f"; {skipped} row(s) skipped" if skipped else ""))
+    return 1 if skipped else 0
 
 
 def cmd_encode(args):
@@ -236,12 +247,13 @@ def cmd_render_collection(args):
     from pipeline.collection import render_collection
 
     try:
-        print(json.dumps(render_collection(os.path.abspath(args.out), args.config_id,
-                                           log=lambda line: print(line, file=sys.stderr, flush=True))))
+        summary = render_collection(os.path.abspath(args.out), args.config_id,
+                                    log=lambda line: print(line, file=sys.stderr, flush=True))
     except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, remote OUT
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
-    return 0
+    print(json.dumps(summary))
+    return 1 if summary["rejected"] else 0  # rows skipped (each warned about): the rest is done
 
 
 class _Parser(argparse.ArgumentParser):

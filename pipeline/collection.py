@@ -8,7 +8,12 @@
 Rows stream from Parquet a few at a time, so memory does not grow with the collection. Each batch's comparison
 rows are committed as one part file named by its images, and a rerun skips images already compared under the
 config, so reruns neither duplicate rows nor redo work.
+
+Rows are not trusted: a row whose image_id is not 64 lowercase hex digits (it names a folder), whose weights are
+missing or not a sound model file, whose architecture is not JSON, or whose figures disagree with its model is
+skipped with a warning naming its uri and image_id, and the rest of the collection goes on.
 """
+import json
 import os
 import time
 
@@ -42,7 +47,55 @@ def pick_config(out, config_id=None):
 
 
 def thumbnail_folder(out, image_id):
+    if not store.is_image_id(image_id):  # the last guard: a path is never built from anything else
+        raise ValueError(f"image_id {image_id!r} is not 64 lowercase hex digits")
     return os.path.join(out, "thumbnails", image_id)
+
+
+class BadRow(ValueError):
+    """An encodings row that cannot be used: the message says why."""
+
+
+def row_label(row):
+    """The row's uri and image_id, quoted, so that a hostile value stays on one line."""
+    return f"uri {row.get('uri')!r} (image_id {row.get('image_id')!r})"
+
+
+def row_architecture(row):
+    """The architecture (a dict) of an encodings row whose image_id is sound; BadRow otherwise."""
+    if not store.is_image_id(row.get("image_id")):
+        raise BadRow("image_id is not 64 lowercase hex digits")
+    try:
+        architecture = json.loads(row.get("architecture"))
+    except (TypeError, ValueError):
+        architecture = None
+    if not isinstance(architecture, dict):
+        raise BadRow("architecture is not a JSON object")
+    return architecture
+
+
+def load_row(row):
+    """(model, meta) of an encodings row whose image_id, architecture and weights are sound; BadRow otherwise."""
+    row_architecture(row)
+    try:
+        return modelfile.from_bytes(row.get("weights"), "weights")
+    except modelfile.ModelFileError as e:
+        raise BadRow(str(e)) from None
+
+
+def _figures_problem(row, meta):
+    """Why the row's figures that the comparison uses do not fit its model, or None."""
+    if not isinstance(row.get("uri"), str) or not row["uri"]:
+        return "uri is missing"
+    for key in ("width", "height", "channels"):
+        if row.get(key) != meta[key]:
+            return f"{key} {row.get(key)!r} is not the model's {meta[key]}"
+    if row.get("model_bytes") != len(row["weights"]):
+        return f"model_bytes {row.get('model_bytes')!r} is not the weights' {len(row['weights'])} bytes"
+    for key in ("raw_bytes", "file_bytes"):
+        if not isinstance(row.get(key), int) or row[key] < 0:
+            return f"{key} {row.get(key)!r} is not a byte count"
+    return None
 
 
 def render_collection(out, config_id=None, log=print):
@@ -55,7 +108,7 @@ def render_collection(out, config_id=None, log=print):
     is_config = pads.field("config_id") == config_id
     done = set(store.read_table(out, "comparison/images", ["image_id"], is_config, IMAGES).column("image_id").to_pylist())
     fs, path = filesystem(store.join(out, "encodings"))
-    new = 0
+    new = rejected = 0
     if fs.get_file_info(path).type == pafs.FileType.Directory:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
         for batch in dataset.to_batches(filter=is_config, batch_size=BATCH):
@@ -63,8 +116,16 @@ def render_collection(out, config_id=None, log=print):
             for row in batch.to_pylist():
                 if row["image_id"] in done:
                     continue
+                try:
+                    model, meta = load_row(row)
+                    problem = _figures_problem(row, meta)
+                    if problem:
+                        raise BadRow(problem)
+                except BadRow as e:
+                    rejected += 1
+                    log(f"render-collection: warning: skipped the row of {row_label(row)} in {out}/encodings: {e}")
+                    continue
                 done.add(row["image_id"])  # the same file under two uris is compared once
-                model, meta = modelfile.from_bytes(row["weights"], f"{row['uri']} (weights in {out}/encodings)")
                 levels = write_thumbnails(model, meta, thumbnail_folder(out, row["image_id"]))
                 image, points = compare(row, levels, config["size"], config["fit"].get("border", "reflect"))
                 images.append(image)
@@ -81,15 +142,18 @@ def render_collection(out, config_id=None, log=print):
     from .report import write_report  # the report is the last step and the only one that needs the others' output
     write_report(out, config_id)
     seconds = time.perf_counter() - start
-    log(f"render-collection: {new} new, {table.num_rows} in all under config {config_id} in {seconds:.1f} s -> "
-        f"{os.path.join(out, 'report.html')}")
-    return {"config_id": config_id, "rendered": new, "compared": table.num_rows, "seconds": round(seconds, 2)}
+    log(f"render-collection: {new} new, {table.num_rows} in all under config {config_id}"
+        + (f", {rejected} row(s) skipped" if rejected else "")
+        + f" in {seconds:.1f} s -> {os.path.join(out, 'report.html')}")
+    return {"config_id": config_id, "rendered": new, "compared": table.num_rows, "rejected": rejected,
+            "seconds": round(seconds, 2)}
 
 
 def write_contact_sheet(out, table):
     """OUT/contact_sheet.png: the level strips of the first SHEET_IMAGES images, one per row, at a small height."""
     strips = []
-    for image_id in table.column("image_id").to_pylist()[:SHEET_IMAGES]:
+    image_ids = [i for i in table.column("image_id").to_pylist() if store.is_image_id(i)]
+    for image_id in image_ids[:SHEET_IMAGES]:
         path = os.path.join(thumbnail_folder(out, image_id), "strip.png")
         if os.path.exists(path):
             with Image.open(path) as im:

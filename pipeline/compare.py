@@ -9,14 +9,15 @@ import io
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import torch
 from PIL import Image
 
-from mrnet_core.images import ImageError, decode, resize_long_side, to_pil
+from mrnet_core.images import decode, resize_long_side, to_pil
 from mrnet_core.metrics import psnr, ssim
 from mrnet_core.pyramid import gaussian_pyramid
 
-from .sources import read_bytes
+from .sources import filesystem, read_bytes
 
 CODECS = {"jpeg": "JPEG", "webp": "WEBP", "avif": "AVIF"}
 # Each codec gets its best settings at the budget: full chroma (at high budgets 4:2:0 alone caps JPEG near 31 dB
@@ -49,7 +50,14 @@ CURVES = pa.schema([
 
 
 def original_pixels(uri, size):
-    """The pixels the job encoded: the file at `uri` decoded and shrunk so its long side is at most `size`."""
+    """The pixels the job encoded: the file at `uri` decoded and shrunk so its long side is at most `size`.
+
+    Only a regular file is read: a uri naming a FIFO or a device (a hostile row) would block or never end.
+    """
+    fs, path = filesystem(uri)
+    kind = fs.get_file_info(path).type
+    if kind != pafs.FileType.File:
+        raise OSError(f"{uri}: {'no such file' if kind == pafs.FileType.NotFound else 'not a regular file'}")
     image, _ = decode(read_bytes(uri), uri)
     if size and max(image.shape[1:]) > size:
         image = resize_long_side(image, size)
@@ -140,7 +148,7 @@ def compare(row, levels, size, border):
                level_width=[lv.shape[2] for lv in levels], level_height=[lv.shape[1] for lv in levels])
     try:
         original = original_pixels(row["uri"], size)
-    except (OSError, ImageError) as e:
+    except (OSError, ValueError) as e:  # ImageError, and pyarrow's ArrowInvalid for a uri it cannot parse
         return {**out, "note": f"original not compared: {e}"}, []
     if tuple(original.shape) != (row["channels"], row["height"], row["width"]):
         return {**out, "note": f"{row['uri']}: the file changed since it was encoded "

@@ -142,6 +142,8 @@ def name_of(uri):
 
 
 def strip_img(out, image_id):
+    if not store.is_image_id(image_id):  # it names a folder: anything else could point outside OUT
+        return '<span class="muted">no thumbnails</span>'
     path = os.path.join(out, "thumbnails", image_id, "strip.png")
     if not os.path.exists(path):
         return '<span class="muted">no thumbnails</span>'

@@ -10,6 +10,7 @@ renamed, so a reader never sees half a file, and a retried batch replaces its ow
 """
 import hashlib
 import json
+import re
 import uuid
 
 import numpy as np
@@ -48,6 +49,14 @@ ENCODINGS = pa.schema([
     ("device", pa.string()),
     ("encoded_at", pa.timestamp("ms", tz="UTC")),
 ])
+
+IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # what `image_id` holds; it names folders, so nothing else may pass
+
+
+def is_image_id(value):
+    """Whether `value` is an image_id (64 lowercase hex digits): safe as a folder name under OUT."""
+    return isinstance(value, str) and IMAGE_ID.fullmatch(value) is not None
+
 
 FAILURES = pa.schema([
     ("uri", pa.string()),

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import subprocess
@@ -125,12 +126,13 @@ def test_export_collection_exports_every_texture_of_an_encode_job(texture_fit, t
     model, cfg, images = texture_fit
     meta = {"width": 32, "height": 32, "channels": 3, "levels": [[16, 16], [32, 32]]}
     photo = MRNet(make_config("fast", {"levels": 2}).architecture(3))
-    rows = [{"image_id": name, "uri": f"{name}.png", "architecture": m.arch.to_json(),
+    ids = {name: hashlib.sha256(name.encode()).hexdigest() for name in ("tex", "photo")}  # as encode makes them
+    rows = [{"image_id": ids[name], "uri": f"{name}.png", "architecture": m.arch.to_json(),
              "weights": modelfile.to_bytes(m, meta)} for name, m in (("tex", model), ("photo", photo))]
     store.write_part(str(tmp_path / "job"), "encodings", "part-1.parquet", rows, store.ENCODINGS)
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "export-collection", tmp_path / "job", "--out",
                         tmp_path / "assets"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "exported 1 texture(s) of 2" in r.stdout
-    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == ["tex"]
-    assert (tmp_path / "assets/tex/mip_5.png").exists()
+    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == [ids["tex"]]
+    assert (tmp_path / "assets" / ids["tex"] / "mip_5.png").exists()
