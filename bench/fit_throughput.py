@@ -22,9 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mrnet_core.config import load_file, make_config  # noqa: E402
+from mrnet_core.device import use_full_precision  # noqa: E402
 from mrnet_core.encode import level_metrics  # noqa: E402
 from mrnet_core.fit import fit  # noqa: E402
 from mrnet_core.images import read_image, resize_long_side  # noqa: E402
+from mrnet_core.memory import encode_memory_bytes  # noqa: E402
 
 PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]
 
@@ -45,6 +47,11 @@ def crops(size, count):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def set_tf32(on):
+    """TF32 for CUDA matrix products (a benchmark's choice; mrnet itself keeps IEEE fp32, see device.py)."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
 
 
 def matmul_peak(device, dtype=torch.float32):
@@ -86,12 +93,22 @@ def run_case(size, batch, overrides, device):
     # This machine's matmul rate drifts (shared host, clocks): the case is compared with the peak measured
     # in the same process right after it.
     peak = matmul_peak(device)
+    tf32_peak = None
+    if device.type == "cuda":
+        was = torch.backends.cuda.matmul.fp32_precision
+        set_tf32(True)
+        tf32_peak = matmul_peak(device)
+        torch.backends.cuda.matmul.fp32_precision = was
     return {
         "size": size, "batch": batch, "model": cfg.model, "params": model.arch.params(), "seconds": round(seconds, 2),
         "images_per_s": round(batch / seconds, 3), "samples_per_s": round(samples / seconds),
         "useful_gflops": round(useful / seconds / 1e9, 1), "psnr_mean": round(sum(psnr) / len(psnr), 2),
         "psnr_min": round(min(psnr), 2), "peak_mib": round(peak_mem), "device": str(device),
         "fp32_peak_gflops": round(peak, 1), "peak_ratio": round(useful / seconds / 1e9 / peak, 3),
+        "tf32_peak_gflops": tf32_peak and round(tf32_peak, 1),
+        "tf32_ratio": tf32_peak and round(useful / seconds / 1e9 / tf32_peak, 3),
+        "images_per_hour": round(3600 * batch / seconds), "estimate_mib": round(encode_memory_bytes(cfg, 3, size,
+                                                                                                     size, batch) / 2**20),
     }
 
 
@@ -109,8 +126,9 @@ def main():
     device = torch.device(args.device)
     overrides = load_file(args.config)[0] if args.config else {}
     tf32 = bool(overrides.pop("tf32", False))  # a benchmark switch, not a fit key: TF32 matmuls on CUDA
+    use_full_precision()  # as mrnet runs: IEEE fp32 matrix products and cuDNN convolutions
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
+        set_tf32(tf32)
 
     if args.case:
         size, batch = map(int, args.case.split(","))
@@ -119,14 +137,14 @@ def main():
 
     peaks = {"fp32": matmul_peak(device)}
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        set_tf32(True)
         peaks["tf32"] = matmul_peak(device)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        set_tf32(tf32)
         peaks["bf16"] = matmul_peak(device, torch.bfloat16)
     print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()), flush=True)
     max_pixels = args.max_pixels or (16 * 128**2 if device.type == "cpu" else 1 << 40)
-    header = f"{'size':>5} {'B':>3} {'model':>5} {'img/s':>8} {'Msamples/s':>10} {'GFLOP/s':>8} {'fp32 peak':>9} {'ratio':>6} " \
-             f"{'PSNR dB':>8} {'min':>6} {'peak MiB':>8}"
+    header = f"{'size':>5} {'B':>3} {'model':>5} {'img/s':>8} {'img/h':>8} {'Msamples/s':>10} {'GFLOP/s':>8} " \
+             f"{'fp32 peak':>9} {'ratio':>6} {'tf32 ratio':>10} {'PSNR dB':>8} {'min':>6} {'peak MiB':>8} {'est MiB':>8}"
     print(header, flush=True)
     rows = []
     for size in map(int, args.sizes.split(",")):
@@ -142,9 +160,11 @@ def main():
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
-            print(f"{size:>5} {batch:>3} {row['model']:>5} {row['images_per_s']:>8.3f} {row['samples_per_s'] / 1e6:>10.2f} "
-                  f"{row['useful_gflops']:>8.1f} {row['fp32_peak_gflops']:>9.0f} {row['peak_ratio']:>6.2f} {row['psnr_mean']:>8.2f} {row['psnr_min']:>6.2f} "
-                  f"{row['peak_mib']:>8}", flush=True)
+            tf32_ratio = f"{row['tf32_ratio']:.3f}" if row["tf32_ratio"] else "-"
+            print(f"{size:>5} {batch:>3} {row['model']:>5} {row['images_per_s']:>8.3f} {row['images_per_hour']:>8} "
+                  f"{row['samples_per_s'] / 1e6:>10.2f} {row['useful_gflops']:>8.1f} {row['fp32_peak_gflops']:>9.0f} "
+                  f"{row['peak_ratio']:>6.2f} {tf32_ratio:>10} {row['psnr_mean']:>8.2f} {row['psnr_min']:>6.2f} "
+                  f"{row['peak_mib']:>8} {row['estimate_mib']:>8}", flush=True)
     if args.json:
         Path(args.json).write_text("".join(json.dumps(r) + "\n" for r in rows))
 

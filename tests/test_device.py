@@ -1,6 +1,7 @@
 """Encoding in batches that fit the device: halving on out of memory, retries outside the failed attempt, device
 faults that propagate, and devices named clearly. Allocation failures are injected into the real `encode`."""
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,13 @@ def test_full_precision_turns_cudnn_tf32_off():
     devices.use_full_precision()
     assert torch.backends.cudnn.conv.fp32_precision == "ieee"
     assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+
+
+@pytest.mark.parametrize("name", ["bogus", "cuda:99"])
+def test_fit_on_a_device_that_cannot_be_used_is_one_line_before_any_work(name, tmp_path, capsys):
+    from pipeline.cli import main
+    camera = str(Path(__file__).resolve().parent.parent / "samples/camera.png")
+    status = main(["fit", camera, "--out", str(tmp_path / "out"), "--size", "16", "--device", name])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("error: device ") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -1,42 +1,34 @@
 """The memory model bounds the real peak of an encode, measured by torch's allocator through the profiler."""
-import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 from mrnet_core.config import make_config
 from mrnet_core.encode import encode
 from mrnet_core.memory import encode_memory_bytes, max_batch
 
-
-def peak_allocated_bytes(fn, tmp_path):
-    """The most bytes of tensors live at once while `fn` runs, beyond those allocated before it (CPU allocator)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    trace = tmp_path / "trace.json"
-    prof.export_chrome_trace(str(trace))
-    events = [e["args"] for e in json.loads(trace.read_text())["traceEvents"] if e.get("name") == "[memory]"]
-    before = events[0]["Total Allocated"] - events[0]["Bytes"]
-    return max(e["Total Allocated"] for e in events) - before
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.memory_model import peak_allocated_bytes  # noqa: E402
 
 
 @pytest.mark.parametrize("model", ["s", "l", "m"])
 @pytest.mark.parametrize("size", [48, 96])
-def test_the_estimate_bounds_the_measured_peak_of_an_encode(model, size, tmp_path):
+def test_the_estimate_bounds_the_measured_peak_of_an_encode(model, size):
     # The default widths, every phase of an encode (fit, fine-tuning through the quantiser, measuring), few epochs:
     # the peak does not depend on how many.
     cfg = make_config("default", {"max_epochs": [2], "qat_epochs": 1, "weight_bits": 8}, model=model)
     batch = torch.rand(2, 3, size, size)
-    measured = peak_allocated_bytes(lambda: encode(batch, cfg, device="cpu"), tmp_path)
+    measured = peak_allocated_bytes(lambda: encode(batch, cfg, device="cpu"))
     estimate = encode_memory_bytes(cfg, 3, size, size, batch=2)
     assert measured <= estimate <= 3 * measured, (measured, estimate)
 
 
-def test_rate_control_is_estimated_at_the_widths_it_can_choose(tmp_path):
+def test_rate_control_is_estimated_at_the_widths_it_can_choose():
     cfg = make_config("compact", {"max_epochs": [2], "qat_epochs": 1, "target_bpp": 2.0})
     batch = torch.rand(2, 3, 64, 64)
-    measured = peak_allocated_bytes(lambda: encode(batch, cfg, device="cpu"), tmp_path)
+    measured = peak_allocated_bytes(lambda: encode(batch, cfg, device="cpu"))
     assert measured <= encode_memory_bytes(cfg, 3, 64, 64, batch=2) <= 3 * measured
 
 
