@@ -5,7 +5,7 @@ well over a thousand mutations of them, and runs each through `pipeline.cli.main
 the function the `mrnet render` command calls, in a forked child with a per-case timeout (so a hang or a crash is
 seen, not suffered). Each case is one of:
 
-    clean error      exit status 2 and one line `error: FILE: reason` on stderr
+    clean error      exit status 1 (unusable input) and one line `error: FILE: reason` on stderr
     unclear error    a non-zero exit whose message is not that one line
     traceback        an exception escaped the command
     hang             still running after --timeout seconds
@@ -168,7 +168,7 @@ def classify(result, path, out, reference):
         return "traceback"
     if status:
         lines = stderr.splitlines()
-        clean = len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and status == 2
+        clean = len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and status == 1
         return "clean error" if clean else "unclear error"
     with Image.open(out) as im:
         same = np.array_equal(np.asarray(im), reference)

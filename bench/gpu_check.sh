@@ -19,7 +19,8 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 # -p no:cacheprovider: the checkout may be read-only; the Ray tests are not collected (no Ray here).
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device.py 2>&1 | tee "$OUT/tests.txt"
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device.py 2>&1 | tee "$OUT/tests.txt" \
+    || echo "gpu_check: TESTS FAILED (see above); the benchmarks still run"
 python3 bench/fit_throughput.py --device cuda --sizes 256 --batches 1,16,64,256 --json "$OUT/fit_fp32.jsonl"
 echo '{"tf32": true}' > /tmp/mrnet_tf32.json
 python3 bench/fit_throughput.py --device cuda --sizes 256 --batches 64,256 --config /tmp/mrnet_tf32.json \

@@ -5,10 +5,10 @@
 #   bash bench/gpu_wheels.sh [PYTHON_VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version=$(python3 -c "import importlib.metadata as m; print(m.version('constriction'))" 2>/dev/null \
-          || .venv/bin/python -c "import importlib.metadata as m; print(m.version('constriction'))")
+# The requirement as pyproject.toml states it (its minor version fixes the bits of model files).
+spec=$(python3 -c "import tomllib; print(next(d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'] if d.startswith('constriction')))")
 mkdir -p .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "${1:-3.12}" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "constriction==$version"
+    -d .whl "$spec"
 ls -l .whl

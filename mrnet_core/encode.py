@@ -115,7 +115,10 @@ def encode_in_batches(images, cfg: FitConfig, device=None, memory_bytes=None, pr
     """
     b, c, h, w = images.shape
     memory_bytes = devices.available_memory(device) if memory_bytes is None else memory_bytes
-    limit = max_batch(cfg, c, h, w, memory_bytes)
+    try:
+        limit = max_batch(cfg, c, h, w, memory_bytes)
+    except ValueError as e:  # the images are too small for the levels asked for
+        return [Failure("too_small", str(e))] * b
     if limit == 0:
         need = encode_memory_bytes(cfg, c, h, w)
         failure = Failure("too_large", f"a {w}x{h} image needs about {need / 2**30:.2f} GiB to encode with this "

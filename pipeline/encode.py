@@ -151,11 +151,9 @@ class Encoder:
         encoded, deferred = [], 0
         try:
             for items in groups.values():
-                rows_, failures_, deferred_ = self.fit(items)
-                encoded += rows_
-                failures += failures_
-                deferred += deferred_
-        except Exception as e:  # noqa: BLE001
+                done, failed, later = self.fit(items)
+                encoded, failures, deferred = encoded + done, failures + failed, deferred + later
+        except Exception as e:  # noqa: BLE001 (only device faults are caught; the rest propagate to Ray)
             if not devices.is_device_fault(e):
                 raise
             # Nothing of this call is committed yet: a fresh actor redoes it whole.

@@ -124,3 +124,9 @@ def test_fit_on_a_device_that_cannot_be_used_is_one_line_before_any_work(name, t
     err = capsys.readouterr().err
     assert status == 2 and err.startswith("error: device ") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_images_too_small_for_the_levels_fail_without_an_attempt():
+    fn = Injected(lambda b: None)
+    results = encode_in_batches(images(2, size=4), make_config("fast", {"levels": 5}), "cpu", PLENTY, encode_fn=fn)
+    assert fn.batches == [] and [r.kind for r in results] == ["too_small"] * 2

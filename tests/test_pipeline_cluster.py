@@ -39,7 +39,8 @@ def test_driver_killed_mid_job_then_rerun_loses_and_duplicates_nothing(tmp_path)
     out = tmp_path / "out"
     config = tmp_path / "slow.toml"
     config.write_text('[job]\npreset = "fast"\nbatch_size = 1\n[fit]\nlevels = 2\nmax_epochs = [300, 300]\n')
-    command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config", str(config)]
+    command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config", str(config),
+               "--ray-address", "local"]  # a Ray of its own, whatever else runs on this machine
 
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180

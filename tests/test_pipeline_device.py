@@ -18,7 +18,7 @@ TINY = make_config("fast", {"levels": 2, "max_epochs": [20, 10]})
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     # A GPU in Ray's books only: this machine's torch decides whether it is usable.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
