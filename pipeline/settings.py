@@ -53,7 +53,8 @@ def check_job(job):
             raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")
         if JOB_KEYS[k] in (str, bool):
             if not isinstance(v, JOB_KEYS[k]):
-                raise ConfigError(f"{k}: must be a {JOB_KEYS[k].__name__}, not a {type(v).__name__}")
+                kind = "string" if JOB_KEYS[k] is str else "boolean (true or false)"
+                raise ConfigError(f"{k}: must be a {kind}, not a {type(v).__name__}")
             checked[k] = v
         else:
             checked[k] = check_number(k, v, JOB_KEYS[k])
