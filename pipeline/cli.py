@@ -19,6 +19,7 @@ from mrnet_core.images import (DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageError, re
                                 save_image, save_png)
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
+from pipeline.lease import LeaseHeld
 from pipeline.settings import FIT_FLAGS, resolve
 from pipeline.thumbnails import render_levels
 
@@ -316,6 +317,8 @@ def build_parser():
     p.add_argument("--model", choices=sorted(MODELS))
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
+    p.add_argument("--wait", action="store_true", default=None,
+                   help="when another job holds OUT, wait for it (or for its lease to expire) rather than stop")
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("study", help="rate-distortion sweep over a grid of configs, against JPEG, WebP and AVIF")
@@ -348,7 +351,8 @@ def main(argv=None):
     devices.use_full_precision()
     try:
         return args.run(args)
-    except (ConfigError, devices.DeviceError) as e:  # a bad flag or config, or an unusable device: before any work
+    except (ConfigError, devices.DeviceError, LeaseHeld) as e:  # before any work: a bad flag or config, an unusable
+        # device, or another job holding OUT
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ImageError, modelfile.ModelFileError, OSError) as e:  # input that cannot be used, or a failed write

@@ -32,6 +32,7 @@ from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_lon
 from mrnet_core.pyramid import level_sizes
 
 from . import store
+from .lease import LeaseLost, held
 from .settings import resolve
 from .sources import filesystem, list_images, read_bytes
 
@@ -239,14 +240,18 @@ def check_gpu_workers(num_gpus):
 
 
 def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=16, actors=None, num_gpus=None,
-        num_cpus=1, log=print, encode_fn=encode):
+        num_cpus=1, log=print, encode_fn=encode, lease_lost=None):
     """Encode every image `source` names into OUT (see pipeline/store.py). Ray must be initialised. The summary.
 
-    `encode_fn` is what the actors fit each batch with (`mrnet_core.encode.encode`; tests inject failures here)."""
+    The caller holds OUT's lease (pipeline/lease.py); `lease_lost` is its Event, set when the lease is lost, which
+    stops the job. `encode_fn` is what the actors fit each batch with (`mrnet_core.encode.encode`; tests inject
+    failures here)."""
     start = time.perf_counter()
     cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT})
     num_gpus, actors, threads = plan_resources(num_gpus, num_cpus, actors)
     store.remove_temporaries(out)
+    for stray in stray_files(out):
+        log(f"encode: warning: {stray['file']}: {stray['reason']}; skipped (move it out of OUT)")
     listing = store.join(out, "_listing", cfg_id)
     listed = write_listing(list_images(source), listing)
     done, failed = store.done_keys(out, cfg_id)
@@ -266,6 +271,9 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                                                    "threads": threads, "encode_fn": encode_fn})
         last = 0.0
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if lease_lost is not None and lease_lost.is_set():
+                raise LeaseLost(f"{out}: this job lost its lease on the folder (it expired or another job took "
+                                f"it over); stopped")
             for k in totals:
                 totals[k] += column_sum(report, k)
             seen = totals["done"] + totals["failed"] + totals["deferred"] + totals["skipped"]
@@ -280,6 +288,7 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     seconds = time.perf_counter() - start
     summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
                "images_per_second": round(totals["done"] / seconds, 3)}
+    store.ensure_tables(out)
     write_manifest(out, cfg, cfg_id, size, max_pixels, summary)
     if totals["deferred"]:
         log(f"encode: {totals['deferred']} image(s) ran out of device memory even alone and were deferred: "
@@ -288,6 +297,11 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
         f"({summary['images_per_second']:.2f} images/s); {totals['bytes_in']:,} bytes in, "
         f"{totals['bytes_out']:,} bytes out -> {out}")
     return summary
+
+
+def stray_files(out):
+    """Files in OUT's tables that are not their parts (a README, a truncated part): [{"file", "reason"}]."""
+    return [s for folder in ("encodings", "failures") for s in store.part_files(out, folder)[1]]
 
 
 def column_sum(table, column):
@@ -299,27 +313,31 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary):
     manifest.setdefault("configs", {})[cfg_id] = {"fit": cfg.to_dict(), "size": size, "format": FORMAT}
     counts = {}
     for folder, name in (("encodings", "encoded"), ("failures", "failed")):
-        fs, path = filesystem(store.join(out, folder))
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            dataset = pads.dataset(path, filesystem=fs, format="parquet")
-            for c in manifest["configs"]:
-                counts.setdefault(c, {})[name] = dataset.count_rows(filter=pads.field("config_id") == c)
-    manifest.update(versions=versions(), counts=counts, last_run={**summary, "max_pixels": max_pixels,
-                                                                   "finished_at": now().isoformat()})
+        dataset = store.dataset(out, folder)
+        for c in manifest["configs"] if dataset else []:
+            counts.setdefault(c, {})[name] = dataset.count_rows(filter=pads.field("config_id") == c)
+    manifest.update(versions=versions(), counts=counts, skipped_files=stray_files(out),
+                    last_run={**summary, "max_pixels": max_pixels, "finished_at": now().isoformat()})
     store.write_json(out, "manifest.json", manifest)
 
 
 def cmd_encode(args):
     cfg, job = resolve(args)
+    wait = job.pop("wait", False)
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
     plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its errors before any file
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    with held(out, wait, log) as lease_lost:  # the lease before any other file: one job at a time writes OUT
+        return encode_holding(args, out, cfg, job, log, lease_lost)
+
+
+def encode_holding(args, out, cfg, job, log, lease_lost):
     from . import track
     tracker = track.start(out, getattr(args, "experiment", None), log)  # one MLflow run per job, opened first
     try:
-        summary = run(args.input, out, cfg, log=log, **job)
+        summary = run(args.input, out, cfg, log=log, lease_lost=lease_lost, **job)
         if not getattr(args, "no_render", False) and "://" not in out:
             from .collection import render_collection
             summary["render"] = render_collection(out, summary["config_id"], log=log)

@@ -32,7 +32,8 @@ MAX_CPUS_PER_ACTOR = 1024.0
 JOB_KEYS = {"preset": str, "size": Bound(int, 1, MAX_SIZE), "max_pixels": Bound(int, 1, DEFAULT_MAX_PIXELS),
             "batch_size": Bound(int, 1, MAX_BATCH_SIZE), "actors": Bound(int, 1, MAX_ACTORS),
             "num_gpus": Bound(float, 0, MAX_GPUS_PER_ACTOR),
-            "num_cpus": Bound(float, 0, MAX_CPUS_PER_ACTOR, above_low=True)}
+            "num_cpus": Bound(float, 0, MAX_CPUS_PER_ACTOR, above_low=True),
+            "wait": bool}  # wait for another job's lease on OUT rather than stop
 
 
 def read_config_file(path):
@@ -50,9 +51,10 @@ def check_job(job):
     for k, v in job.items():
         if k not in JOB_KEYS:
             raise ConfigError(f"job.{k}: unknown job key; known keys: {', '.join(JOB_KEYS)}")
-        if JOB_KEYS[k] is str:
-            if not isinstance(v, str):
-                raise ConfigError(f"{k}: must be a string, not a {type(v).__name__}")
+        if JOB_KEYS[k] in (str, bool):
+            if not isinstance(v, JOB_KEYS[k]):
+                kind = "string" if JOB_KEYS[k] is str else "boolean (true or false)"
+                raise ConfigError(f"{k}: must be a {kind}, not a {type(v).__name__}")
             checked[k] = v
         else:
             checked[k] = check_number(k, v, JOB_KEYS[k])

@@ -111,30 +111,83 @@ def remove_temporaries(out):
                 fs.delete_file(info.path)
 
 
+def part_files(out, folder, schema=None):
+    """(paths of OUT/folder's part files, [{"file", "reason"}] of the files skipped there).
+
+    Hidden names (temporaries, scratch) are ignored. Anything else that is not a readable Parquet file whose
+    columns match `schema` (default: that of encodings or failures) is skipped, so that a stray README or a
+    truncated part never blocks a job or a reader."""
+    schema = schema or (ENCODINGS if folder == "encodings" else FAILURES)
+    fs, path = filesystem(join(out, folder))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return [], []
+    good, skipped = [], []
+    for info in sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda i: i.path):
+        if info.base_name.startswith((".", "_")):
+            continue
+        reason = part_problem(fs, info, schema)
+        if reason:
+            skipped.append({"file": join(out, folder, info.base_name), "reason": reason})
+        else:
+            good.append(info.path)
+    return good, skipped
+
+
+def part_problem(fs, info, schema):
+    """Why the file is not a part of a table with `schema`, or None when it is."""
+    if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
+        return "not a .parquet file"
+    try:
+        found = pq.read_schema(info.path, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        return f"not a readable Parquet file ({str(e).splitlines()[0]})"
+    if "config_id" not in found.names:
+        return "no config_id column"
+    for field in schema:
+        if field.name in found.names and not found.field(field.name).type.equals(field.type):
+            return f"column {field.name} is {found.field(field.name).type}, not {field.type}"
+    return None
+
+
+def dataset(out, folder, schema=None):
+    """OUT/folder's part files as a pyarrow dataset with `schema` (default: that of encodings or failures),
+    stray files left out; None when there is no part."""
+    schema = schema or (ENCODINGS if folder == "encodings" else FAILURES)
+    paths, _ = part_files(out, folder, schema)
+    if not paths:
+        return None
+    fs, _ = filesystem(join(out, folder))
+    return pads.dataset(paths, filesystem=fs, format="parquet", schema=schema)
+
+
 def read_table(out, folder, columns=None, filter=None, schema=None):
     """Every committed row of OUT/folder, read as `schema` (default: that of encodings or failures); an empty
     table when there is none."""
     schema = schema or (ENCODINGS if folder == "encodings" else FAILURES)
-    fs, path = filesystem(join(out, folder))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
+    data = dataset(out, folder, schema)
+    if data is None:
         empty = schema.empty_table()
         return empty.select(columns) if columns else empty
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(columns=columns,
-                                                                                     filter=filter)
+    return data.to_table(columns=columns, filter=filter)
 
 
 def done_keys(out, cfg_id):
     """Sorted keys of work already recorded under cfg_id: (uri, image_id) encoded, and uris failed."""
     def scan(folder, columns):
-        fs, path = filesystem(join(out, folder))
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            return np.array([], dtype="S16")
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        data = dataset(out, folder)
         keys = []
-        for batch in dataset.to_batches(columns=columns, filter=pads.field("config_id") == cfg_id):
+        for batch in data.to_batches(columns=columns, filter=pads.field("config_id") == cfg_id) if data else []:
             keys.extend(key(*parts) for parts in zip(*(batch.column(c).to_pylist() for c in columns)))
         return np.sort(np.array(keys, dtype="S16"))
     return scan("encodings", ["uri", "image_id"]), scan("failures", ["uri"])
+
+
+def ensure_tables(out):
+    """Give encodings/ and failures/ an empty part when they have none, so that `OUT/failures/*.parquet` readers
+    (DuckDB, Polars, pandas) find a table with its columns even when nothing failed."""
+    for folder, schema in (("encodings", ENCODINGS), ("failures", FAILURES)):
+        if not part_files(out, folder, schema)[0]:
+            write_part(out, folder, "part-empty.parquet", [], schema)
 
 
 def write_json(out, name, obj):

@@ -195,6 +195,7 @@ codec's. Each config's own report is configs/&lt;name&gt;/report.html.</p>
 def cmd_study(args):
     configs, job = read_grid(args.grid)
     job.pop("preset", None)
+    job.pop("wait", None)  # a study writes its own folders; no lease
     if args.size is not None:
         job.update(check_job({"size": args.size}))
     out = os.path.abspath(args.out)

@@ -1,0 +1,127 @@
+"""`mrnet encode` against a hostile user (issue 13): bad input lines, special files, stray files in OUT, readers of
+an OUT with no failures, and two jobs on one OUT at once. Real local Ray, real files."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from pipeline import store
+from pipeline.cli import main
+from pipeline.encode import run
+from test_pipeline import TINY, rows, synthetic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_bad_lines_and_special_files_are_failure_rows(tmp_path, monkeypatch):
+    images = synthetic(tmp_path / "in", 1)
+    good = images / "img000.png"
+    os.mkfifo(images / "fifo.png")
+    os.symlink(images / "loop.png", images / "loop.png")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(images / "sock.png"))
+    monkeypatch.chdir(images)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(["./img000.png", str(good), "foo://bar/x.png", "fifo.png", "loop.png", "sock.png",
+                                  "/dev/null"]) + "\n")
+    out = tmp_path / "out"
+    summary = run(str(listing), str(out), TINY, size=32)
+    assert (summary["listed"], summary["done"], summary["failed"]) == (6, 1, 5)  # ./img000.png is the same file
+    assert [r["uri"] for r in rows(out)] == [str(good)]
+    failed = {r["uri"]: r for r in rows(out, "failures")}
+    for uri, reason in [("foo://bar/x.png", "Unrecognized filesystem"), (str(images / "fifo.png"), "a FIFO"),
+                        (str(images / "loop.png"), "symbolic links"), (str(images / "sock.png"), "a socket"),
+                        ("/dev/null", "a character device")]:
+        assert failed[uri]["stage"] == "read" and failed[uri]["error_kind"] == "unreadable", failed[uri]
+        assert failed[uri]["message"].startswith(uri) and reason in failed[uri]["message"]
+    # A folder holding the same special files is listed and read without hanging: all recorded already.
+    again = run(str(images), str(out), TINY, size=32)
+    assert (again["listed"], again["skipped"], again["done"], again["failed"]) == (4, 4, 0, 0)
+    sock.close()
+
+
+def test_stray_files_in_out_are_skipped_and_listed_and_readers_find_failures(tmp_path, capsys):
+    images = synthetic(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    first = run(str(images), str(out), TINY, size=32)
+    assert (first["done"], first["failed"]) == (2, 0)
+    # Nothing failed, yet OUT/failures/*.parquet is a table with its columns for DuckDB, Polars and pandas.
+    failure_parts = sorted((out / "failures").glob("*.parquet"))
+    assert failure_parts and pq.read_table(failure_parts).schema.names == store.FAILURES.names
+    assert list(pd.read_parquet(out / "failures").columns) == store.FAILURES.names
+
+    part = next((out / "encodings").glob("part-*.parquet"))
+    (out / "encodings" / "README.txt").write_text("these are my encodings\n")
+    (out / "encodings" / "part-truncated.parquet").write_bytes(part.read_bytes()[:100])
+    (out / "failures" / "notes.md").write_text("# failures\n")
+    logs = []
+    again = run(str(images), str(out), TINY, size=32, log=logs.append)
+    assert (again["done"], again["skipped"]) == (0, 2) and len(rows(out)) == 2
+    skipped = json.loads((out / "manifest.json").read_text())["skipped_files"]
+    assert sorted(os.path.basename(s["file"]) for s in skipped) == ["README.txt", "notes.md",
+                                                                   "part-truncated.parquet"]
+    assert "not a readable Parquet file" in {s["file"].rsplit("/", 1)[1]: s["reason"]
+                                             for s in skipped}["part-truncated.parquet"]
+    assert sum("warning" in line and "README.txt" in line for line in logs) == 1
+
+
+def test_live_lease_stops_a_second_job_before_any_file_and_a_stale_one_is_taken_over(tmp_path, capsys):
+    images = synthetic(tmp_path / "in", 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = {"holder": "cron-host pid 4242", "host": "cron-host", "pid": 4242, "token": "cron",
+              "started_at": time.time() - 60, "expires_at": time.time() + 60}
+    (out / "_lease.json").write_text(json.dumps(theirs))
+    command = ["encode", str(images), "--out", str(out), "--preset", "fast", "--levels", "2", "--no-render"]
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "cron-host pid 4242" in err and "--wait" in err and "\n" not in err
+    assert os.listdir(out) == ["_lease.json"]
+
+    (out / "_lease.json").write_text(json.dumps({**theirs, "expires_at": time.time() - 1}))  # killed: expired
+    assert main(command) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"] == 1
+    assert not (out / "_lease.json").exists()  # released at the end
+
+
+def test_two_jobs_at_once_on_one_out_encode_each_image_once(tmp_path):
+    images = synthetic(tmp_path / "in", 6)
+    out = tmp_path / "out"
+    config = tmp_path / "tiny.toml"
+    config.write_text('[job]\npreset = "fast"\nbatch_size = 2\n[fit]\nlevels = 2\n')
+    command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config",
+               str(config), "--no-render"]
+    # This checkout's code in the children, with or without a PYTHONPATH already set.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    jobs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for c in (command, command + ["--wait"])]
+    (plain_out, plain_err), (waiting_out, waiting_err) = (j.communicate(timeout=400) for j in jobs)
+    assert jobs[1].returncode == 0, waiting_err[-2000:]
+    waited = json.loads(waiting_out.strip().splitlines()[-1])
+    if jobs[0].returncode == 2:  # the waiting job won the race for the lease, or was first
+        last = plain_err.strip().splitlines()[-1]  # after Ray's own lines
+        assert last.startswith("error: ") and "another encode job holds this folder" in last
+        assert "Traceback" not in plain_err
+        assert waited["done"] == 6
+    else:  # the plain job won; the other waited for it, then found everything done
+        assert jobs[0].returncode == 0, plain_err[-2000:]
+        assert json.loads(plain_out.strip().splitlines()[-1])["done"] + waited["done"] == 6
+        assert "waiting for the job holding this folder" in waiting_err
+    got = rows(out)
+    assert sorted(os.path.basename(r["uri"]) for r in got) == [f"img{i:03d}.png" for i in range(6)]
+    assert not (out / "_lease.json").exists()
