@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -105,7 +105,7 @@ def test_two_jobs_at_once_on_one_out_encode_each_image_once(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text('[job]\npreset = "fast"\nbatch_size = 2\n[fit]\nlevels = 2\n')
     command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config",
-               str(config), "--no-render"]
+               str(config), "--no-render", "--ray-address", "local"]  # each job a Ray of its own
     # This checkout's code in the children, with or without a PYTHONPATH already set.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     jobs = [subprocess.Popen(c, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
