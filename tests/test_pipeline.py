@@ -72,7 +72,7 @@ def test_samples_encode_read_back_render_and_rerun_skips(samples, tmp_path):
         assert abs(psnr(rendered[None], image[None]).item() - r["psnr"][-1]) < 0.05
         assert r["psnr"][-1] > 20
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"][first["config_id"]] == {"encoded": 5}
+    assert manifest["counts"][first["config_id"]] == {"encoded": 5, "failed": 0}  # failures/ always exists
     assert manifest["configs"][first["config_id"]]["fit"]["levels"] == 2
 
     # A temporary left by a killed run is invisible to readers, and the next run removes it.
