@@ -254,8 +254,10 @@ def compare_all(out, config_id, config, log, workers):
     is_config = pads.field("config_id") == config_id
     skip_ref = [ray.put(skip_keys(out, is_config))]  # in a list so Ray passes the reference, not the array
     # Reading a part is light next to rendering and the codecs, so reads hold no CPU and every CPU holds an actor
-    # (ray.data.read_parquet's file listing holds one, and waits forever where the actors hold them all).
+    # (ray.data.read_parquet's file listing holds one, and waits forever where the actors hold them all). Two at
+    # a time: Ray would otherwise start a worker process for every part at once, since they need no CPU.
     ds = ray.data.from_items(parts).map_batches(read_parts, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                                                compute=ray.data.TaskPoolStrategy(size=2),
                                                 fn_kwargs={"config_id": config_id})
     ds = ds.map_batches(Comparer, batch_size=BATCH, batch_format="pyarrow", num_cpus=1,
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
