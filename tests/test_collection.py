@@ -30,7 +30,7 @@ ENCODE = ["--preset", "fast", "--levels", "2", "--size", "32"]
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
     # num_gpus=0: these tests assert CPU plans, which must hold where a GPU is visible too.
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
