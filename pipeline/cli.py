@@ -249,7 +249,7 @@ def cmd_render_collection(args):
 
     try:
         summary = render_collection(os.path.abspath(args.out), args.config_id,
-                                    log=lambda line: print(line, file=sys.stderr, flush=True))
+                                    log=lambda line: print(line, file=sys.stderr, flush=True), workers=args.workers)
     except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, remote OUT
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
@@ -333,6 +333,7 @@ def build_parser():
     p = sub.add_parser("render-collection", help="thumbnails per level, comparison with codecs, and report.html")
     p.add_argument("out", metavar="OUT", help="an `mrnet encode` output folder (local)")
     p.add_argument("--config-id", help="which config's encodings (default: the last run's)")
+    p.add_argument("--workers", type=int, help="Ray actors of one CPU each (default: every CPU of the cluster)")
     p.set_defaults(run=cmd_render_collection)
     return parser
 

@@ -5,9 +5,13 @@
     OUT/comparison/curves/part-*.parquet                 codec rate-distortion points (CURVES)
     OUT/contact_sheet.png, OUT/report/*.svg, OUT/report.html
 
-Rows stream from Parquet a few at a time, so memory does not grow with the collection. Each batch's comparison
-rows are committed as one part file named by its images, and a rerun skips images already compared under the
-config, so reruns neither duplicate rows nor redo work.
+A Ray Data stage, like encode: read the encodings -> map_batches on a pool of CPU actors, each call rendering
+and comparing its rows and committing their comparison parts atomically -> the driver sums small summaries,
+then writes the contact sheet and report from the committed Parquet rows.
+
+Exactly once: the driver first loads the keys of images already compared under the config, and the actors skip
+those. A part is named by a hash of (config_id, its images), so a batch Ray retries rewrites its own file. A run
+killed at any moment leaves only whole parts, so a rerun does only what is missing.
 
 Rows are not trusted: a row whose image_id is not 64 lowercase hex digits (it names a folder), whose weights are
 missing or not a sound model file, whose architecture is not JSON, or whose figures disagree with its model is
@@ -17,8 +21,13 @@ import json
 import os
 import time
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+import torch
 from PIL import Image
 
 from mrnet_core import modelfile
@@ -32,6 +41,9 @@ from .thumbnails import GAP, write_thumbnails
 BATCH = 8
 SHEET_IMAGES = 60  # the contact sheet shows the first images only, so it stays a viewable size
 SHEET_HEIGHT = 64
+COLUMNS = ["image_id", "uri", "config_id", "width", "height", "channels", "architecture", "weights", "model_bytes",
+           "raw_bytes", "file_bytes", "bpp"]  # what the stage reads of an encodings row
+SUMMARY = pa.schema([("rendered", pa.int64()), ("rejected", pa.int64()), ("warnings", pa.list_(pa.string()))])
 
 
 def pick_config(out, config_id=None):
@@ -98,55 +110,170 @@ def _figures_problem(row, meta):
     return None
 
 
-def render_collection(out, config_id=None, log=print):
-    """Thumbnails and comparison rows for every encoded image not yet done, then the contact sheet and report."""
+def batches(out, folder, columns, filter=None, schema=None):
+    """Committed rows of OUT/folder as record batches, a few at a time (none when the folder is missing)."""
+    fs, path = filesystem(store.join(out, folder))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=schema)
+    yield from (b for b in dataset.to_batches(columns=columns, filter=filter) if b.num_rows)
+
+
+def first_rows(out, folder, columns, n, filter=None, schema=None):
+    """The first n committed rows of OUT/folder (in the order a full read gives them), as a table."""
+    fs, path = filesystem(store.join(out, folder))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return schema.empty_table().select(columns)
+    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).head(n, columns=columns, filter=filter)
+
+
+def skip_keys(out, is_config):
+    """Sorted keys of the rows the stage must not do: store.key(image_id) of images already compared under the
+    config, and store.key(uri, image_id) of each row but the one with the least uri of a file encoded under
+    several uris (compared once). Only 16 bytes an image, like encode's done keys."""
+    done = [store.key(i) for b in batches(out, "comparison/images", ["image_id"], is_config, IMAGES)
+            for i in b.column("image_id").to_pylist() if store.is_image_id(i)]
+    ids = np.array([store.key(i) for b in batches(out, "encodings", ["image_id"], is_config)
+                    for i in b.column("image_id").to_pylist() if store.is_image_id(i)], dtype="S16")
+    keys, counts = np.unique(ids, return_counts=True)
+    shared, first = np.sort(keys[counts > 1]), {}
+    if len(shared):  # rare: a second pass over the few image_ids seen under several uris
+        for b in batches(out, "encodings", ["uri", "image_id"], is_config):
+            for uri, image_id in zip(b.column("uri").to_pylist(), b.column("image_id").to_pylist()):
+                if store.is_image_id(image_id) and isinstance(uri, str) and store.contains(shared, store.key(image_id)):
+                    first.setdefault(image_id, set()).add(uri)
+    later = [store.key(uri, image_id) for image_id, uris in first.items() for uri in sorted(uris)[1:]]
+    return np.sort(np.array(done + later, dtype="S16"))
+
+
+def read_parts(paths: pa.Table, config_id) -> pa.Table:
+    """The config's rows of the encodings parts named in `paths`, only the columns the stage needs."""
+    return pa.concat_tables(pq.read_table(p, columns=COLUMNS, filters=pads.field("config_id") == config_id)
+                            for p in paths.column("item").to_pylist())
+
+
+class Comparer:
+    """An actor of the final stage: each call renders thumbnails of its rows, compares them with the originals
+    and the codecs, commits the comparison rows as one part, and returns only a one-row SUMMARY."""
+
+    def __init__(self, out, config_id, size, border, skip_ref):
+        torch.set_num_threads(1)  # one CPU reserved each; small renders and the codecs gain little from threads
+        self.out, self.config_id, self.size, self.border = out, config_id, size, border
+        self.skip = ray.get(skip_ref[0])
+
+    def skipped(self, row):
+        image_id, uri = row.get("image_id"), row.get("uri")
+        if not store.is_image_id(image_id):
+            return False  # checked, and warned about, below
+        return bool(store.contains(self.skip, store.key(image_id))
+                    or isinstance(uri, str) and store.contains(self.skip, store.key(uri, image_id)))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images, curves, warnings = [], [], []
+        for row in batch.to_pylist():
+            if self.skipped(row):
+                continue
+            try:
+                model, meta = load_row(row)
+                problem = _figures_problem(row, meta)
+                if problem:
+                    raise BadRow(problem)
+            except BadRow as e:
+                warnings.append(f"skipped the row of {row_label(row)} in {self.out}/encodings: {e}")
+                continue
+            levels = write_thumbnails(model, meta, thumbnail_folder(self.out, row["image_id"]))
+            image, points = compare(row, levels, self.size, self.border)
+            images.append(image)
+            curves.extend(points)
+        if images:
+            name = store.part_name(self.config_id, [r["image_id"] for r in images])
+            if curves:  # curves first: a kill between the writes leaves the image still to do
+                store.write_part(self.out, "comparison/curves", name, curves, CURVES)
+            store.write_part(self.out, "comparison/images", name, images, IMAGES)
+        return pa.Table.from_pylist([{"rendered": len(images), "rejected": len(warnings), "warnings": warnings}],
+                                    schema=SUMMARY)
+
+
+def committed_parts(out, folder):
+    """Paths of the committed parts of OUT/folder (not the hidden temporaries of a running or killed job)."""
+    fs, path = filesystem(store.join(out, folder))
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
+                  if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+
+
+def remove_unfinished(out):
+    """Delete the curves parts whose images part is missing (a run killed between the two writes): the images
+    are done again, perhaps in other batches, and their curves must not count twice."""
+    done = {os.path.basename(p) for p in committed_parts(out, "comparison/images")}
+    for path in committed_parts(out, "comparison/curves"):
+        if os.path.basename(path) not in done:
+            os.remove(path)
+
+
+def render_collection(out, config_id=None, log=print, workers=None):
+    """Thumbnails and comparison rows for every encoded image not yet done, then the contact sheet and report.
+
+    Uses the Ray already initialised (as `mrnet encode` does), else a local one for this call. `workers`: actors
+    of one CPU each (default: every CPU of the cluster)."""
     if "://" in out:
         raise ValueError(f"{out}: render-collection writes thumbnails and a report to a local folder; "
                          "copy the Parquet output to local disk first")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers: {workers}; at least 1")
     start = time.perf_counter()
     config_id, config = pick_config(out, config_id)
+    local = not ray.is_initialized()
+    if local:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # a new one: never attach to another job's
+    try:
+        totals = compare_all(out, config_id, config, log, workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
+    finally:
+        if local:
+            ray.shutdown()
     is_config = pads.field("config_id") == config_id
-    done = set(store.read_table(out, "comparison/images", ["image_id"], is_config, IMAGES).column("image_id").to_pylist())
-    fs, path = filesystem(store.join(out, "encodings"))
-    new = rejected = 0
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        for batch in dataset.to_batches(filter=is_config, batch_size=BATCH):
-            images, curves = [], []
-            for row in batch.to_pylist():
-                if row["image_id"] in done:
-                    continue
-                try:
-                    model, meta = load_row(row)
-                    problem = _figures_problem(row, meta)
-                    if problem:
-                        raise BadRow(problem)
-                except BadRow as e:
-                    rejected += 1
-                    log(f"render-collection: warning: skipped the row of {row_label(row)} in {out}/encodings: {e}")
-                    continue
-                done.add(row["image_id"])  # the same file under two uris is compared once
-                levels = write_thumbnails(model, meta, thumbnail_folder(out, row["image_id"]))
-                image, points = compare(row, levels, config["size"], config["fit"].get("border", "reflect"))
-                images.append(image)
-                curves.extend(points)
-            if images:
-                name = store.part_name(config_id, [r["image_id"] for r in images])
-                if curves:  # curves first: a kill between the writes leaves the image still to do
-                    store.write_part(out, "comparison/curves", name, curves, CURVES)
-                store.write_part(out, "comparison/images", name, images, IMAGES)
-                new += len(images)
-                log(f"render-collection: {len(done)} image(s) rendered and compared")
-    table = store.read_table(out, "comparison/images", filter=is_config, schema=IMAGES)
-    write_contact_sheet(out, table)
+    write_contact_sheet(out, first_rows(out, "comparison/images", ["image_id"], SHEET_IMAGES, is_config, IMAGES))
     from .report import write_report  # the report is the last step and the only one that needs the others' output
     write_report(out, config_id)
+    compared = sum(b.num_rows for b in batches(out, "comparison/images", ["image_id"], is_config, IMAGES))
     seconds = time.perf_counter() - start
-    log(f"render-collection: {new} new, {table.num_rows} in all under config {config_id}"
-        + (f", {rejected} row(s) skipped" if rejected else "")
+    log(f"render-collection: {totals['rendered']} new, {compared} in all under config {config_id}"
+        + (f", {totals['rejected']} row(s) skipped" if totals["rejected"] else "")
         + f" in {seconds:.1f} s -> {os.path.join(out, 'report.html')}")
-    return {"config_id": config_id, "rendered": new, "compared": table.num_rows, "rejected": rejected,
-            "seconds": round(seconds, 2)}
+    return {"config_id": config_id, **totals, "compared": compared, "seconds": round(seconds, 2)}
+
+
+def compare_all(out, config_id, config, log, workers):
+    """Run the stage over the config's encodings; the summed summaries, each warning logged as it comes."""
+    totals = {"rendered": 0, "rejected": 0}
+    remove_unfinished(out)
+    parts = committed_parts(out, "encodings")
+    if not parts:
+        return totals
+    is_config = pads.field("config_id") == config_id
+    skip_ref = [ray.put(skip_keys(out, is_config))]  # in a list so Ray passes the reference, not the array
+    # Reading a part is light next to rendering and the codecs, so reads hold no CPU and every CPU holds an actor
+    # (ray.data.read_parquet's file listing holds one, and waits forever where the actors hold them all). Two at
+    # a time: Ray would otherwise start a worker process for every part at once, since they need no CPU.
+    ds = ray.data.from_items(parts).map_batches(read_parts, batch_size=1, batch_format="pyarrow", num_cpus=0,
+                                                compute=ray.data.TaskPoolStrategy(size=2),
+                                                fn_kwargs={"config_id": config_id})
+    ds = ds.map_batches(Comparer, batch_size=BATCH, batch_format="pyarrow", num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+                        fn_constructor_kwargs={"out": out, "config_id": config_id, "size": config["size"],
+                                               "border": config["fit"].get("border", "reflect"), "skip_ref": skip_ref})
+    last = time.perf_counter()
+    for summary in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in summary.to_pylist():
+            totals["rendered"] += row["rendered"]
+            totals["rejected"] += row["rejected"]
+            for warning in row["warnings"]:
+                log(f"render-collection: warning: {warning}")
+        if time.perf_counter() - last > 5:
+            last = time.perf_counter()
+            log(f"render-collection: {totals['rendered']} image(s) rendered and compared")
+    return totals
 
 
 def write_contact_sheet(out, table):

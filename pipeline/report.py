@@ -11,14 +11,18 @@ import math
 import os
 import statistics
 
+import pyarrow as pa
 import pyarrow.dataset as pads
 
 from . import store
+from .collection import batches
 from .compare import CODECS, CURVES, IMAGES
 
 COLORS = {"mrnet": "#d62728", "jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
 NAMES = {"mrnet": "MR-Net", "jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
 W, H, M = 520, 340, 50  # plot size and margin
+REPORT_COLUMNS = [n for n in IMAGES.names if n != "config_id"]  # what the page shows of each image
+ROWS_AT_ONCE = 256  # comparison rows turned into Python objects at a time while the page is written
 
 # Sets data-images-loaded on <body> once every <img> has decoded, so a headless browser can check the page.
 CHECK_SCRIPT = """<script>
@@ -111,23 +115,17 @@ def svg_plot(series, xlabel, ylabel, logx=False, title="", integer_x=False):
     return "".join(parts)
 
 
-def rd_plot(images, curves):
-    """bpp (log) against full-resolution PSNR: one point per MR-Net, each codec's mean curve over the images."""
-    series = [("MR-Net (per image)", COLORS["mrnet"],
-               [(r["bpp"], r["psnr"][-1]) for r in images if r["psnr"]], "points")]
-    for codec in CODECS:
-        mean = []
-        for q in sorted({c["quality"] for c in curves if c["codec"] == codec}):
-            pts = [c for c in curves if c["codec"] == codec and c["quality"] == q]
-            mean.append((statistics.fmean(p["bpp"] for p in pts), statistics.fmean(p["psnr"] for p in pts)))
-        series.append((f"{NAMES[codec]} (mean, q 10-100)", COLORS[codec], mean, "line"))
+def rd_plot(points, means):
+    """bpp (log) against full-resolution PSNR: one point per MR-Net, each codec's mean curve over the images.
+    points: [(bpp, PSNR)] per image; means: {codec: [(mean bpp, mean PSNR)] by quality} (curve_means)."""
+    series = [("MR-Net (per image)", COLORS["mrnet"], points, "points")]
+    series += [(f"{NAMES[c]} (mean, q 10-100)", COLORS[c], means.get(c, []), "line") for c in CODECS]
     return svg_plot(series, "bits per pixel (log scale)", "PSNR (dB), full resolution", logx=True,
                     title="Rate-distortion")
 
 
-def level_plot(images):
-    """PSNR of each level against its Gaussian level: every image thin, the mean bold."""
-    rows = [r["psnr"] for r in images if r["psnr"]]
+def level_plot(rows):
+    """PSNR of each level against its Gaussian level: every image thin, the mean bold. rows: PSNR lists."""
     series = [("", "#f2b8b8", list(enumerate(p)), "line") for p in rows]
     if rows:
         n = max(len(p) for p in rows)
@@ -135,6 +133,16 @@ def level_plot(images):
         series.append(("mean", COLORS["mrnet"], mean, "line"))
     return svg_plot(series, "level k (0 = coarsest)", "PSNR (dB) vs Gaussian level", title="PSNR per level",
                     integer_x=True)
+
+
+def curve_means(out, is_config):
+    """{codec: [(mean bpp, mean PSNR) per quality, low to high]}, summed a batch of curves rows at a time."""
+    sums = {}
+    for b in batches(out, "comparison/curves", ["codec", "quality", "bpp", "psnr"], is_config, CURVES):
+        for codec, quality, bpp, psnr in zip(*(b.column(c).to_pylist() for c in ("codec", "quality", "bpp", "psnr"))):
+            s = sums.setdefault((codec, quality), [0.0, 0.0, 0])
+            s[0], s[1], s[2] = s[0] + bpp, s[1] + psnr, s[2] + 1
+    return {codec: [(b / n, p / n) for (c, _), (b, p, n) in sorted(sums.items()) if c == codec] for codec in CODECS}
 
 
 def name_of(uri):
@@ -151,29 +159,29 @@ def strip_img(out, image_id):
         return f'<img alt="levels of {esc(image_id[:12])}" src="{data_uri(f.read(), "image/png")}">'
 
 
-def comparison_table(images):
-    head = ("<tr><th>image</th><th>size</th><th>MR-Net bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th>"
-            "<th>raw / model</th><th>file / model</th>"
-            + "".join(f"<th>{NAMES[c]} q</th><th>{NAMES[c]} bpp</th><th>{NAMES[c]} PSNR</th>" for c in CODECS)
-            + "<th>note</th></tr>")
-    body = []
-    for r in images:
-        mr = r["psnr"][-1] if r["psnr"] else None
-        cells = [f'<td class="l">{esc(name_of(r["uri"]))}</td><td>{r["width"]}x{r["height"]}</td>',
-                 f"<td>{r['model_bytes']:,}</td><td>{fmt(r['bpp'])}</td><td>{fmt(mr)}</td>"
-                 f"<td>{fmt(r['ssim'][-1] if r['ssim'] else None, 4)}</td>"
-                 f"<td>{fmt(r['ratio_raw'])}</td><td>{fmt(r['ratio_file'])}</td>"]
-        notes = [r["note"]] if r["note"] else []
-        for c in CODECS:
-            p = r[f"{c}_psnr"]
-            cls = "" if p is None or mr is None else (' class="win"' if mr > p else ' class="lose"')
-            cells.append(f"<td>{r[f'{c}_quality'] if r[f'{c}_quality'] is not None else '–'}</td>"
-                         f"<td>{fmt(r[f'{c}_bpp'])}</td><td{cls}>{fmt(p)}</td>")
-            if r[f"{c}_note"]:
-                notes.append(f"{NAMES[c]}: {r[f'{c}_note']}")
-        cells.append(f'<td class="l muted">{esc("; ".join(notes))}</td>')
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return "<table>" + head + "".join(body) + "</table>"
+TABLE_HEAD = ("<table><tr><th>image</th><th>size</th><th>MR-Net bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th>"
+              "<th>raw / model</th><th>file / model</th>"
+              + "".join(f"<th>{NAMES[c]} q</th><th>{NAMES[c]} bpp</th><th>{NAMES[c]} PSNR</th>" for c in CODECS)
+              + "<th>note</th></tr>")
+
+
+def table_row(r):
+    """One row of the comparison table."""
+    mr = r["psnr"][-1] if r["psnr"] else None
+    cells = [f'<td class="l">{esc(name_of(r["uri"]))}</td><td>{r["width"]}x{r["height"]}</td>',
+             f"<td>{r['model_bytes']:,}</td><td>{fmt(r['bpp'])}</td><td>{fmt(mr)}</td>"
+             f"<td>{fmt(r['ssim'][-1] if r['ssim'] else None, 4)}</td>"
+             f"<td>{fmt(r['ratio_raw'])}</td><td>{fmt(r['ratio_file'])}</td>"]
+    notes = [r["note"]] if r["note"] else []
+    for c in CODECS:
+        p = r[f"{c}_psnr"]
+        cls = "" if p is None or mr is None else (' class="win"' if mr > p else ' class="lose"')
+        cells.append(f"<td>{r[f'{c}_quality'] if r[f'{c}_quality'] is not None else '–'}</td>"
+                     f"<td>{fmt(r[f'{c}_bpp'])}</td><td{cls}>{fmt(p)}</td>")
+        if r[f"{c}_note"]:
+            notes.append(f"{NAMES[c]}: {r[f'{c}_note']}")
+    cells.append(f'<td class="l muted">{esc("; ".join(notes))}</td>')
+    return "<tr>" + "".join(cells) + "</tr>"
 
 
 def write_text(path, text):
@@ -184,19 +192,24 @@ def write_text(path, text):
 
 
 def write_report(out, config_id):
-    """Write OUT/report.html and OUT/report/{rate_distortion,psnr_per_level}.svg; the report's path."""
+    """Write OUT/report.html and OUT/report/{rate_distortion,psnr_per_level}.svg; the report's path.
+
+    The page's columns of every image are held as one Arrow table (no Python object per row), sorted as the
+    table shows them; rows become dicts a slice at a time as the page is written. Curves and failures are read
+    a batch at a time."""
     is_config = pads.field("config_id") == config_id
-    images = sorted(store.read_table(out, "comparison/images", filter=is_config, schema=IMAGES).to_pylist(), key=lambda r: r["uri"])
-    curves = store.read_table(out, "comparison/curves", filter=is_config, schema=CURVES).to_pylist()
-    failures = store.read_table(out, "failures", filter=is_config).to_pylist()
+    images = store.read_table(out, "comparison/images", REPORT_COLUMNS, is_config, IMAGES).sort_by("uri")
+    psnr, bpp = images.column("psnr").to_pylist(), images.column("bpp").to_pylist()
+    scored = [i for i, p in enumerate(psnr) if p]
+    failed = sum(b.num_rows for b in batches(out, "failures", ["uri"], is_config, store.FAILURES))
     manifest = store.read_json(out, "manifest.json")
-    plots = {"rate_distortion.svg": rd_plot(images, curves), "psnr_per_level.svg": level_plot(images)}
+    plots = {"rate_distortion.svg": rd_plot([(bpp[i], psnr[i][-1]) for i in scored], curve_means(out, is_config)),
+             "psnr_per_level.svg": level_plot([psnr[i] for i in scored])}
     os.makedirs(os.path.join(out, "report"), exist_ok=True)
     for name, svg in plots.items():
         write_text(os.path.join(out, "report", name), svg)
 
-    scored = [r for r in images if r["psnr"]]
-    ranked = sorted(scored, key=lambda r: r["psnr"][-1], reverse=True)
+    ranked = sorted(scored, key=lambda i: psnr[i][-1], reverse=True)
     k = min(3, len(ranked) // 2) or len(ranked)
     best, worst = ranked[:k], ranked[::-1][:k] if len(ranked) > 1 else []
 
@@ -204,22 +217,21 @@ def write_report(out, config_id):
         values = [v for v in values if v is not None]
         return statistics.fmean(values) if values else None
 
-    cards = [("images compared", len(images)), ("failed", len(failures)),
-             ("mean bpp", fmt(mean(r["bpp"] for r in images))),
-             ("mean PSNR (full)", fmt(mean(r["psnr"][-1] for r in scored)) + " dB"),
-             ("raw / model", fmt(mean(r["ratio_raw"] for r in images)))]
-    cards += [(f"{NAMES[c]} PSNR at same bytes", fmt(mean(r[f"{c}_psnr"] for r in images)) + " dB") for c in CODECS]
+    def column(name):
+        return images.column(name).to_pylist()
+
+    cards = [("images compared", images.num_rows), ("failed", failed), ("mean bpp", fmt(mean(bpp))),
+             ("mean PSNR (full)", fmt(mean(psnr[i][-1] for i in scored)) + " dB"),
+             ("raw / model", fmt(mean(column("ratio_raw"))))]
+    cards += [(f"{NAMES[c]} PSNR at same bytes", fmt(mean(column(f"{c}_psnr"))) + " dB") for c in CODECS]
     last = manifest.get("last_run", {})
 
-    def gallery(rows):
+    def gallery(picked):
         return "".join(f'<div class="strip"><p>{esc(name_of(r["uri"]))}: {fmt(r["psnr"][-1])} dB at '
                        f'{fmt(r["bpp"])} bpp; levels {" / ".join(fmt(p) for p in r["psnr"])} dB</p>'
-                       f'{strip_img(out, r["image_id"])}</div>' for r in rows)
+                       f'{strip_img(out, r["image_id"])}</div>' for r in images.take(pa.array(picked, pa.int64())).to_pylist())
 
-    fail_rows = "".join(f'<tr><td class="l">{esc(f["uri"])}</td><td class="l">{esc(f["stage"])}</td>'
-                        f'<td class="l">{esc(f["error_kind"])}</td><td class="l">{esc(f["message"])}</td></tr>'
-                        for f in failures)
-    page = f"""<!doctype html>
+    head = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MR-Net report: {esc(out)}</title>{STYLE}</head>
 <body>
 <h1>MR-Net encoding report</h1>
@@ -233,12 +245,13 @@ def write_report(out, config_id):
 <p class="muted">Codecs encode the same pixels the MR-Net was fitted to, at the highest quality whose file fits in the
 MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is higher; red: the codec's is.</p>
 <h2>Comparison</h2>
-{comparison_table(images)}
+"""
+    middle = f"""
 <h2>Best images</h2>{gallery(best)}
 <h2>Worst images</h2>{gallery(worst) or '<p class="muted">too few images</p>'}
-<h2>Failures ({len(failures)})</h2>
-{('<table><tr><th>uri</th><th>stage</th><th>kind</th><th>message</th></tr>' + fail_rows + '</table>')
-     if failures else '<p class="muted">none</p>'}
+<h2>Failures ({failed})</h2>
+"""
+    tail = f"""
 <h2>Config</h2>
 <pre>{esc(json.dumps({"config_id": config_id, **manifest.get("configs", {}).get(config_id, {}),
                   "versions": manifest.get("versions", {}), "last_run": last}, indent=2))}</pre>
@@ -246,5 +259,21 @@ MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is h
 </body></html>
 """
     path = os.path.join(out, "report.html")
-    write_text(path, page)
+    tmp = os.path.join(out, ".report.html.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(head + TABLE_HEAD)
+        for offset in range(0, images.num_rows, ROWS_AT_ONCE):
+            f.write("".join(table_row(r) for r in images.slice(offset, ROWS_AT_ONCE).to_pylist()))
+        f.write("</table>" + middle)
+        if failed:
+            f.write("<table><tr><th>uri</th><th>stage</th><th>kind</th><th>message</th></tr>")
+            for b in batches(out, "failures", ["uri", "stage", "error_kind", "message"], is_config, store.FAILURES):
+                f.write("".join(f'<tr><td class="l">{esc(r["uri"])}</td><td class="l">{esc(r["stage"])}</td>'
+                                f'<td class="l">{esc(r["error_kind"])}</td><td class="l">{esc(r["message"])}</td></tr>'
+                                for r in b.to_pylist()))
+            f.write("</table>")
+        else:
+            f.write('<p class="muted">none</p>')
+        f.write(tail)
+    os.replace(tmp, path)
     return path

@@ -10,6 +10,7 @@ Where: MLFLOW_TRACKING_URI when set (a server, `databricks`, a database); otherw
 to the results, `sqlite:///OUT/mlflow.db`, with artifacts in OUT/mlartifacts (for a remote OUT, `mlruns.db` in
 the working directory).
 """
+import itertools
 import json
 import os
 import subprocess
@@ -125,7 +126,8 @@ def aggregates(out, cfg_id, summary):
                   "compression_ratio/raw": np.sum(rows["raw_bytes"]) / model.sum(),
                   "compression_ratio/file": np.sum(rows["file_bytes"]) / model.sum()})
     from .compare import CODECS, IMAGES
-    compared = store.read_table(out, "comparison/images", filter=is_config, schema=IMAGES).to_pydict() if "://" not in out else {}
+    columns = [f"{c}_{k}" for c in CODECS for k in ("psnr", "bpp")]  # only what the means need
+    compared = store.read_table(out, "comparison/images", columns, is_config, IMAGES).to_pydict() if "://" not in out else {}
     for codec in CODECS:
         values = [v for v in compared.get(f"{codec}_psnr", []) if v is not None]
         if values:
@@ -139,14 +141,22 @@ def artifacts(out, cfg_id):
     if "://" in out:
         return []
     import pyarrow.parquet as pq
+    from .collection import batches
     from .compare import IMAGES
-    table = store.read_table(out, "comparison/images", filter=pads.field("config_id") == cfg_id, schema=IMAGES)
-    if table.num_rows == 0:  # --no-render: the encodings' own figures, without the weights
-        table = store.read_table(out, "encodings", filter=pads.field("config_id") == cfg_id).drop_columns(["weights"])
+    is_config = pads.field("config_id") == cfg_id
+    rows, schema = batches(out, "comparison/images", None, is_config, IMAGES), IMAGES
+    first = next(rows, None)
+    if first is None:  # --no-render: the encodings' own figures, without the weights
+        schema = store.ENCODINGS.remove(store.ENCODINGS.get_field_index("weights"))
+        rows = batches(out, "encodings", schema.names, is_config, store.ENCODINGS)
+    else:
+        rows = itertools.chain([first], rows)
     os.makedirs(os.path.join(out, "report"), exist_ok=True)
     path = os.path.join(out, "report", "summary.parquet")
     tmp = os.path.join(out, "report", ".summary.parquet.tmp")
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, schema) as writer:  # a batch at a time: memory does not grow with the collection
+        for batch in rows:
+            writer.write_batch(batch)
     os.replace(tmp, path)
     files = [path] + [os.path.join(out, p) for p in ("report.html", "contact_sheet.png",
                                                       "report/rate_distortion.svg", "report/psnr_per_level.svg")]

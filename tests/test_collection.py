@@ -233,3 +233,48 @@ def test_report_renders_in_headless_chromium_with_its_images(job, tmp_path):
     ok, total = map(int, loaded.groups())
     assert ok == total == 2 + 2  # two plots, the strips of the best and the worst image
     assert "rate-distortion plot" in dom and "astronaut.png" in dom and "Failures (0)" in dom
+
+
+def copies(job_out, out, n):
+    """OUT with `n` encodings rows copied from the job's (distinct image_ids, same files), in parts of 4 rows,
+    nothing compared yet."""
+    base = encodings(job_out)
+    shutil.copytree(job_out, out, ignore=shutil.ignore_patterns("encodings", "thumbnails", "comparison", "mlflow.db",
+                                                                "mlartifacts", "report*", "contact_sheet.png"))
+    rows = [{**base[i % len(base)], "image_id": f"{i:064x}"} for i in range(n)]
+    for i in range(0, n, 4):
+        store.write_part(str(out), "encodings", f"part-{i:04d}.parquet", rows[i:i + 4], store.ENCODINGS)
+    return rows
+
+
+def by_image(rows):
+    return sorted(rows, key=lambda r: (r["image_id"], r.get("codec") or "", r.get("quality") or 0))
+
+
+def test_final_stage_is_exactly_once_resumable_and_the_same_on_two_workers(job, tmp_path):
+    from pipeline.collection import render_collection
+    _, out = job
+    one, two = tmp_path / "one", tmp_path / "two"
+    rows = copies(out, one, 12)
+    copies(out, two, 12)
+    assert render_collection(str(one), workers=1, log=lambda line: None)["rendered"] == 12
+    assert render_collection(str(two), workers=2, log=lambda line: None)["rendered"] == 12
+    for folder, schema in (("comparison/images", IMAGES), ("comparison/curves", CURVES)):
+        a, b = (by_image(store.read_table(str(o), folder, schema=schema).to_pylist()) for o in (one, two))
+        assert a == b and len({r["image_id"] for r in a}) == 12  # every image once, the same figures
+    assert sorted(os.listdir(two / "thumbnails")) == sorted(r["image_id"] for r in rows)
+
+    parts = sorted((two / "comparison" / "images").glob("part-*.parquet"))
+    assert len(parts) >= 2  # several calls, each its own part
+    lost = set(pq.read_table(parts[0]).column("image_id").to_pylist())
+    parts[0].unlink()  # as if the run had been killed before this batch committed
+    before = by_image(compared(two))
+    summary = render_collection(str(two), workers=2, log=lambda line: None)
+    assert summary["rendered"] == len(lost) and summary["compared"] == 12
+    after = by_image(compared(two))
+    assert len(after) == 12 and {r["image_id"] for r in after} - {r["image_id"] for r in before} == lost
+    assert after == by_image(compared(one))  # exactly the missing rows back, the same as before
+    curves = (by_image(store.read_table(str(o), "comparison/curves", schema=CURVES).to_pylist()) for o in (one, two))
+    assert next(curves) == next(curves)  # the orphaned curves part was replaced, not added to
+    assert render_collection(str(two), workers=2, log=lambda line: None)["rendered"] == 0  # nothing left to do
+    assert len(compared(two)) == 12

@@ -1,6 +1,7 @@
 """Hostile rows in an encode job's output (issue 13): render-collection and export-collection skip them with a
 warning naming the row, go on with the rest, and never write outside their output folder. The OUT folders are
-real (Parquet parts written by pipeline.store, real model files), built without running Ray."""
+real (Parquet parts written by pipeline.store, real model files), built without running Ray;
+render-collection then runs on a real local Ray."""
 import datetime
 import hashlib
 import json
@@ -8,6 +9,7 @@ import os
 import struct
 
 import pytest
+import ray
 import torch
 
 from mrnet_core import modelfile
@@ -20,6 +22,14 @@ from pipeline.compare import IMAGES
 
 CONFIG_ID = "0123456789abcdef"
 SIZE = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    # render-collection runs on Ray (it would start its own; one session for the module is quicker).
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
 
 
 def files_under(folder):
