@@ -24,7 +24,6 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 import torch
@@ -35,7 +34,6 @@ from mrnet_core.images import save_png
 
 from . import store
 from .compare import CURVES, IMAGES, compare
-from .sources import filesystem
 from .thumbnails import GAP, write_thumbnails
 
 BATCH = 8
@@ -111,20 +109,17 @@ def _figures_problem(row, meta):
 
 
 def batches(out, folder, columns, filter=None, schema=None):
-    """Committed rows of OUT/folder as record batches, a few at a time (none when the folder is missing)."""
-    fs, path = filesystem(store.join(out, folder))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=schema)
-    yield from (b for b in dataset.to_batches(columns=columns, filter=filter) if b.num_rows)
+    """Committed rows of OUT/folder as record batches, a few at a time; stray files are left out
+    (`store.part_files`), and there are none when the folder is missing."""
+    data = store.dataset(out, folder, schema)
+    if data is not None:
+        yield from (b for b in data.to_batches(columns=columns, filter=filter) if b.num_rows)
 
 
 def first_rows(out, folder, columns, n, filter=None, schema=None):
     """The first n committed rows of OUT/folder (in the order a full read gives them), as a table."""
-    fs, path = filesystem(store.join(out, folder))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return schema.empty_table().select(columns)
-    return pads.dataset(path, filesystem=fs, format="parquet", schema=schema).head(n, columns=columns, filter=filter)
+    data = store.dataset(out, folder, schema)
+    return schema.empty_table().select(columns) if data is None else data.head(n, columns=columns, filter=filter)
 
 
 def skip_keys(out, is_config):
@@ -194,20 +189,17 @@ class Comparer:
                                     schema=SUMMARY)
 
 
-def committed_parts(out, folder):
-    """Paths of the committed parts of OUT/folder (not the hidden temporaries of a running or killed job)."""
-    fs, path = filesystem(store.join(out, folder))
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(path))
-                  if i.type == pafs.FileType.File and not i.base_name.startswith((".", "_")))
+def committed_parts(out, folder, schema=None):
+    """Paths of the committed parts of OUT/folder: not the hidden temporaries of a running or killed job, nor
+    stray files (`store.part_files`)."""
+    return store.part_files(out, folder, schema)[0]
 
 
 def remove_unfinished(out):
     """Delete the curves parts whose images part is missing (a run killed between the two writes): the images
     are done again, perhaps in other batches, and their curves must not count twice."""
-    done = {os.path.basename(p) for p in committed_parts(out, "comparison/images")}
-    for path in committed_parts(out, "comparison/curves"):
+    done = {os.path.basename(p) for p in committed_parts(out, "comparison/images", IMAGES)}
+    for path in committed_parts(out, "comparison/curves", CURVES):
         if os.path.basename(path) not in done:
             os.remove(path)
 

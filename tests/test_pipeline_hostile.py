@@ -15,6 +15,7 @@ import ray
 
 from pipeline import store
 from pipeline.cli import main
+from pipeline.collection import render_collection
 from pipeline.encode import run
 from test_pipeline import TINY, rows, synthetic
 
@@ -78,6 +79,8 @@ def test_stray_files_in_out_are_skipped_and_listed_and_readers_find_failures(tmp
     assert "not a readable Parquet file" in {s["file"].rsplit("/", 1)[1]: s["reason"]
                                              for s in skipped}["part-truncated.parquet"]
     assert sum("warning" in line and "README.txt" in line for line in logs) == 1
+    # The final stage reads the same tables: it renders both images and ignores the stray files.
+    assert render_collection(str(out), again["config_id"], log=logs.append)["rendered"] == 2
 
 
 def test_live_lease_stops_a_second_job_before_any_file_and_a_stale_one_is_taken_over(tmp_path, capsys):
