@@ -227,7 +227,8 @@ def test_random_job_tables_are_a_config_error_or_within_bounds(data):
     job = {}
     for k in keys:
         rule = JOB_KEYS.get(k)
-        valid = st.sampled_from(list(PRESETS)) if rule is str else number_in(rule) if rule else ANY_VALUE
+        kinds = {str: st.sampled_from(list(PRESETS)), bool: st.booleans()}
+        valid = kinds[rule] if rule in kinds else number_in(rule) if rule else ANY_VALUE
         job[k] = data.draw(valid if data.draw(st.booleans()) else ANY_VALUE)
     try:
         checked = check_job(job)
@@ -236,4 +237,5 @@ def test_random_job_tables_are_a_config_error_or_within_bounds(data):
         return
     assert checked.keys() == job.keys()
     for key, value in checked.items():
-        assert isinstance(value, str) if JOB_KEYS[key] is str else within(value, JOB_KEYS[key])
+        rule = JOB_KEYS[key]
+        assert isinstance(value, rule) if rule in (str, bool) else within(value, rule)
