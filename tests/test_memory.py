@@ -14,7 +14,7 @@ from bench.memory_model import peak_allocated_bytes  # noqa: E402
 
 
 @pytest.mark.parametrize("model", ["s", "l", "m"])
-@pytest.mark.parametrize("size", [48, 96])
+@pytest.mark.parametrize("size", [32, 64])
 def test_the_estimate_bounds_the_measured_peak_of_an_encode(model, size):
     # The default widths, every phase of an encode (fit, fine-tuning through the quantiser, measuring), few epochs:
     # the peak does not depend on how many.
