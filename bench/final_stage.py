@@ -29,27 +29,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 import ray  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from mrnet_core.config import make_config  # noqa: E402
 from pipeline import store  # noqa: E402
 from pipeline.collection import render_collection  # noqa: E402
 from pipeline.compare import CURVES, IMAGES  # noqa: E402
+from bench.pipeline_throughput import make_images  # noqa: E402
 from pipeline.encode import run  # noqa: E402
 
 SIZE = 32
 LEFT_TO_DO = 100  # images the memory runs really compare
-
-
-def make_images(folder, n):
-    rng = np.random.default_rng(0)
-    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    for i in range(n):
-        f = rng.uniform(1, 6, 3)
-        a = np.stack([np.sin(6.28 * (f[c] * x + f[c - 1] * y + i)) for c in range(3)], -1) * 0.5 + 0.5
-        Image.fromarray((a * 255).astype(np.uint8)).save(folder / f"{i:05d}.png")
 
 
 def copy_id(image_id, i):
@@ -121,7 +111,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         images, seed = Path(tmp) / "images", os.path.join(tmp, "seed")
         images.mkdir()
-        make_images(images, a.distinct)
+        make_images(images, a.distinct, SIZE)
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
         cfg = make_config("fast", {"levels": 2, "max_epochs": [20, 10]})
         assert run(str(images), seed, cfg, size=SIZE, actors=1, log=lambda line: None)["done"] == a.distinct

@@ -11,7 +11,7 @@ from .memory import encode_memory_bytes, max_batch
 from .metrics import psnr, seam, ssim
 from .modelfile import from_bytes, to_bytes
 from .pyramid import gaussian_pyramid, level_sizes
-from .quantize import finetune
+from .quantize import BATCH_PIXELS, finetune
 from .rate import encode_at_rate, within_budget
 from .render import render
 
@@ -57,7 +57,7 @@ def encode(images, cfg: FitConfig, device=None, progress=None, budget=None):
     model, reports = fit(images, cfg, device=device, progress=progress)
     check_finite(model)
     if cfg.weight_bits <= 8:
-        finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or 4096, cfg.levels,
+        finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or BATCH_PIXELS, cfg.levels,
                  cfg.border, cfg.seed)
         check_finite(model)
     seconds = time.perf_counter() - start
@@ -130,18 +130,16 @@ def encode_in_batches(images, cfg: FitConfig, device=None, memory_bytes=None, pr
         index = pending.pop(0)
         try:
             records, blobs = encode_fn(images[index], cfg, device, progress)
-            results_for = list(zip(records, blobs))
-            error = None
         except Exception as e:  # noqa: BLE001 (every error is classified below)
             if devices.is_device_fault(e):
                 raise
             # Keep words, not the exception: its traceback holds the failed attempt's tensors.
-            error = (devices.is_out_of_memory(e), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        if error is None:
-            for i, result in zip(index, results_for):
+            out_of_memory, kind = devices.is_out_of_memory(e), type(e).__name__
+            message = str(e).splitlines()[0] if str(e) else ""
+        else:
+            for i, result in zip(index, zip(records, blobs)):
                 results[i] = result
             continue
-        out_of_memory, kind, message = error
         if out_of_memory:
             devices.release(device)
         if len(index) > 1:  # halves after running out of memory; else each image alone, so a bad one fails alone

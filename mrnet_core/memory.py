@@ -6,11 +6,11 @@ against the allocator's measured peak for S-, L- and M-Nets at two sizes (tests/
 """
 from .config import FitConfig
 from .pyramid import level_sizes
+from .quantize import BATCH_PIXELS
 from .rate import MIN_SCALE, largest_scale, scaled
+from .render import CHUNK as RENDER_CHUNK
 
 FLOAT = 4  # bytes
-RENDER_CHUNK = 1 << 16  # pixels x images that `render.render` evaluates at once: its default `chunk`
-QAT_BATCH_PIXELS = 4096  # `encode.encode` fine-tunes in steps of this many pixels when cfg.batch_pixels is 0
 
 
 def _widths(arch, i):
@@ -49,7 +49,7 @@ def _finetune(arch, cfg: FitConfig, pixels):
     """Per-image elements of `quantize.finetune`: every level's autograd graph over its sampled pixels at once."""
     if cfg.weight_bits > 8 or cfg.qat_epochs <= 0:
         return 0
-    c, batch_pixels = arch.channels, cfg.batch_pixels or QAT_BATCH_PIXELS
+    c, batch_pixels = arch.channels, cfg.batch_pixels or BATCH_PIXELS
     graph = 0
     for k, n in enumerate(pixels):
         sampled = min(n, batch_pixels)

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from .pyramid import gaussian_pyramid, pixel_grid
 
+BATCH_PIXELS = 4096  # pixels per level in each fine-tuning step, unless the config says otherwise
 STEPS_PER_OCTAVE = 8
 STEP_OFFSET = 24  # code 0 is a step of 2^-24; code 255 is 2^7.9
 
@@ -118,7 +119,7 @@ def level_outputs(model, weights, x, starts):
     return out
 
 
-def finetune(model, images, bits, epochs, lr=3e-4, batch_pixels=4096, levels=None, border="reflect", seed=0,
+def finetune(model, images, bits, epochs, lr=3e-4, batch_pixels=BATCH_PIXELS, levels=None, border="reflect", seed=0,
              progress=None):
     """Quantisation-aware fine-tuning of a fitted batched MR-Net on images [B, C, H, W], in place.
 

@@ -10,6 +10,7 @@ import torch
 from .pyramid import pixel_grid
 
 FULL_DOMAIN = (-1.0, -1.0, 1.0, 1.0)
+CHUNK = 1 << 16  # pixels x images evaluated at once: bounds the memory of a render of any size
 
 
 def antialiased_level(level_sizes, width, height, window=FULL_DOMAIN):
@@ -27,7 +28,7 @@ def antialiased_level(level_sizes, width, height, window=FULL_DOMAIN):
 
 
 @torch.no_grad()
-def render(model, width, height, t=None, window=FULL_DOMAIN, chunk=1 << 16, index=None):
+def render(model, width, height, t=None, window=FULL_DOMAIN, chunk=CHUNK, index=None):
     """Evaluate f(x, t) on a height x width grid of pixel centres over `window` = (x0, y0, x1, y1).
 
     Returns [B, C, H, W] (or [C, H, W] for image `index`), unclamped. t=None shows every stage. Pixels are

@@ -8,6 +8,7 @@ drop those images. Part files are named by a hash of (config_id, the batch's ima
 after a worker dies rewrites the same file rather than adding one. A driver killed at any moment leaves only
 whole committed parts (plus hidden temporaries, removed on the next run), so the rerun finishes the rest.
 """
+import functools
 import hashlib
 import json
 import os
@@ -230,10 +231,16 @@ def plan_resources(num_gpus, num_cpus, actors):
     return num_gpus, actors, threads
 
 
+@functools.cache  # planned by the command, then by `run`: one probe task per job is enough
+def gpu_worker_problem(num_gpus):
+    """Why torch cannot use the GPU of a worker granted `num_gpus`, or None (one task, on one node)."""
+    return ray.get(ray.remote(num_gpus=num_gpus, num_cpus=0)(devices.cuda_unusable_reason).remote())
+
+
 def check_gpu_workers(num_gpus):
     """Stop before any work when a worker granted a GPU has a torch that cannot use it (the common cause: a CPU
     build of torch on the GPU nodes). One task on one node; each Encoder checks its own node too."""
-    reason = ray.get(ray.remote(num_gpus=num_gpus, num_cpus=0)(devices.cuda_unusable_reason).remote())
+    reason = gpu_worker_problem(num_gpus)
     if reason:
         raise devices.DeviceError(f"a Ray worker granted a GPU cannot use it: {reason}. Install a CUDA build of torch "
                                   f"on the GPU nodes, or set num_gpus = 0 to fit on CPUs")
