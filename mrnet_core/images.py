@@ -131,6 +131,13 @@ def save_png(image, path):
     _write(image, Path(path), "PNG", {})
 
 
+def png_bytes(image):
+    """[C, H, W] (or a Pillow image) as the bytes of a PNG file."""
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else to_pil(image)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _write(image, path, image_format, options):
     """Atomically: written under a hidden name, then renamed."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -114,7 +114,10 @@ MAX_DOMAIN = 1000.0
 
 
 def _out_folder(text):
-    """--out as a folder that is there or can be made; ConfigError otherwise (nothing is made here)."""
+    """--out as a local folder that is there or can be made; ConfigError otherwise (nothing is made here)."""
+    if "://" in text:
+        raise ConfigError(f"--out: {text}: this command writes to a local folder (only `mrnet encode` and "
+                          f"`render-collection` write to object stores)")
     out = Path(text)
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
     if not existing.is_dir():
@@ -230,7 +233,7 @@ def cmd_export_collection(args):
 
 
 def cmd_encode(args):
-    if "://" not in args.out:
+    if "://" not in args.out:  # an object store has no folders to check
         _out_folder(args.out)
     from pipeline.encode import cmd_encode  # here, so that the other commands never load Ray
 
@@ -245,12 +248,14 @@ def cmd_study(args):
 
 
 def cmd_render_collection(args):
+    from pipeline import store
     from pipeline.collection import render_collection
 
     try:
-        summary = render_collection(os.path.abspath(args.out), args.config_id,
+        out = args.out if store.is_remote(args.out) else os.path.abspath(args.out)
+        summary = render_collection(out, args.config_id,
                                     log=lambda line: print(line, file=sys.stderr, flush=True), workers=args.workers)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, remote OUT
+    except (FileNotFoundError, KeyError, ValueError) as e:  # no encodings there, unknown config, bad --workers
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     print(json.dumps(summary))
@@ -310,7 +315,8 @@ def build_parser():
                              ("--size", int, "resize the long side to S"), ("--levels", int, "levels (stages)"),
                              ("--ray-address", str, "join this Ray cluster (default: a local one)"),
                              ("--num-gpus", float, "GPUs per actor"), ("--actors", int, "most fitting actors"),
-                             ("--batch-size", int, "images per actor call"), ("--max-pixels", int, "over it: fail")]:
+                             ("--batch-size", int, "images per actor call"), ("--max-pixels", int, "over it: fail"),
+                             ("--tracking-deadline", float, "seconds for all MLflow calls (default 60)")]:
         p.add_argument(flag, type=kind, help=text)
     for flag, kind, text in FIT_FLAGS:
         p.add_argument(flag, type=kind, help=text)

@@ -17,8 +17,8 @@ Rows are not trusted: a row whose image_id is not 64 lowercase hex digits (it na
 missing or not a sound model file, whose architecture is not JSON, or whose figures disagree with its model is
 skipped with a warning naming its uri and image_id, and the rest of the collection goes on.
 """
+import io
 import json
-import os
 import time
 
 import numpy as np
@@ -30,10 +30,11 @@ import torch
 from PIL import Image
 
 from mrnet_core import modelfile
-from mrnet_core.images import save_png
+from mrnet_core.images import png_bytes
 
 from . import store
 from .compare import CURVES, IMAGES, compare
+from .sources import filesystem
 from .thumbnails import GAP, write_thumbnails
 
 BATCH = 8
@@ -56,10 +57,11 @@ def pick_config(out, config_id=None):
     return config_id, configs[config_id]
 
 
-def thumbnail_folder(out, image_id):
+def thumbnail_folder(image_id):
+    """thumbnails/<image_id>, the image's folder under OUT."""
     if not store.is_image_id(image_id):  # the last guard: a path is never built from anything else
         raise ValueError(f"image_id {image_id!r} is not 64 lowercase hex digits")
-    return os.path.join(out, "thumbnails", image_id)
+    return f"thumbnails/{image_id}"
 
 
 class BadRow(ValueError):
@@ -141,10 +143,11 @@ def skip_keys(out, is_config):
     return np.sort(np.array(done + later, dtype="S16"))
 
 
-def read_parts(paths: pa.Table, config_id) -> pa.Table:
-    """The config's rows of the encodings parts named in `paths`, only the columns the stage needs."""
-    return pa.concat_tables(pq.read_table(p, columns=COLUMNS, filters=pads.field("config_id") == config_id)
-                            for p in paths.column("item").to_pylist())
+def read_parts(uris: pa.Table, config_id) -> pa.Table:
+    """The config's rows of the encodings parts named in `uris`, only the columns the stage needs."""
+    return pa.concat_tables(pq.read_table(path, columns=COLUMNS, filters=pads.field("config_id") == config_id,
+                                          filesystem=fs)
+                            for fs, path in map(filesystem, uris.column("item").to_pylist()))
 
 
 class Comparer:
@@ -176,7 +179,7 @@ class Comparer:
             except BadRow as e:
                 warnings.append(f"skipped the row of {row_label(row)} in {self.out}/encodings: {e}")
                 continue
-            levels = write_thumbnails(model, meta, thumbnail_folder(self.out, row["image_id"]))
+            levels = write_thumbnails(model, meta, self.out, thumbnail_folder(row["image_id"]))
             image, points = compare(row, levels, self.size, self.border)
             images.append(image)
             curves.extend(points)
@@ -190,18 +193,18 @@ class Comparer:
 
 
 def committed_parts(out, folder, schema=None):
-    """Paths of the committed parts of OUT/folder: not the hidden temporaries of a running or killed job, nor
+    """URIs of the committed parts of OUT/folder: not the hidden temporaries of a running or killed job, nor
     stray files (`store.part_files`)."""
-    return store.part_files(out, folder, schema)[0]
+    return [store.join(out, folder, path.rsplit("/", 1)[-1]) for path in store.part_files(out, folder, schema)[0]]
 
 
 def remove_unfinished(out):
     """Delete the curves parts whose images part is missing (a run killed between the two writes): the images
     are done again, perhaps in other batches, and their curves must not count twice."""
-    done = {os.path.basename(p) for p in committed_parts(out, "comparison/images", IMAGES)}
-    for path in committed_parts(out, "comparison/curves", CURVES):
-        if os.path.basename(path) not in done:
-            os.remove(path)
+    done = {uri.rsplit("/", 1)[-1] for uri in committed_parts(out, "comparison/images", IMAGES)}
+    for uri in committed_parts(out, "comparison/curves", CURVES):
+        if uri.rsplit("/", 1)[-1] not in done:
+            store.delete(out, f"comparison/curves/{uri.rsplit('/', 1)[-1]}")
 
 
 def render_collection(out, config_id=None, log=print, workers=None):
@@ -209,9 +212,6 @@ def render_collection(out, config_id=None, log=print, workers=None):
 
     Uses the Ray already initialised (as `mrnet encode` does), else a local one for this call. `workers`: actors
     of one CPU each (default: every CPU of the cluster)."""
-    if "://" in out:
-        raise ValueError(f"{out}: render-collection writes thumbnails and a report to a local folder; "
-                         "copy the Parquet output to local disk first")
     if workers is not None and workers < 1:
         raise ValueError(f"workers: {workers}; at least 1")
     start = time.perf_counter()
@@ -232,7 +232,7 @@ def render_collection(out, config_id=None, log=print, workers=None):
     seconds = time.perf_counter() - start
     log(f"render-collection: {totals['rendered']} new, {compared} in all under config {config_id}"
         + (f", {totals['rejected']} row(s) skipped" if totals["rejected"] else "")
-        + f" in {seconds:.1f} s -> {os.path.join(out, 'report.html')}")
+        + f" in {seconds:.1f} s -> {store.join(out, 'report.html')}")
     return {"config_id": config_id, **totals, "compared": compared, "seconds": round(seconds, 2)}
 
 
@@ -273,9 +273,9 @@ def write_contact_sheet(out, table):
     strips = []
     image_ids = [i for i in table.column("image_id").to_pylist() if store.is_image_id(i)]
     for image_id in image_ids[:SHEET_IMAGES]:
-        path = os.path.join(thumbnail_folder(out, image_id), "strip.png")
-        if os.path.exists(path):
-            with Image.open(path) as im:
+        data = store.read_bytes(out, f"{thumbnail_folder(image_id)}/strip.png")
+        if data is not None:
+            with Image.open(io.BytesIO(data)) as im:
                 strips.append(im.convert("RGB").resize((max(1, im.width * SHEET_HEIGHT // im.height), SHEET_HEIGHT),
                                                        Image.LANCZOS))
     if not strips:
@@ -283,6 +283,5 @@ def write_contact_sheet(out, table):
     sheet = Image.new("RGB", (max(s.width for s in strips), len(strips) * (SHEET_HEIGHT + GAP) - GAP), "white")
     for i, s in enumerate(strips):
         sheet.paste(s, (0, i * (SHEET_HEIGHT + GAP)))
-    path = os.path.join(out, "contact_sheet.png")
-    save_png(sheet, path)
-    return path
+    store.write_bytes(out, "contact_sheet.png", png_bytes(sheet))
+    return store.join(out, "contact_sheet.png")

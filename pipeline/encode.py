@@ -13,9 +13,12 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np
@@ -331,27 +334,45 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary):
 def cmd_encode(args):
     cfg, job = resolve(args)
     wait = job.pop("wait", False)
+    deadline = job.pop("tracking_deadline", None)
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     if not ray.is_initialized():
         ray.init(address=args.ray_address, log_to_driver=False)
     plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its errors before any file
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    with held(out, wait, log) as lease_lost:  # the lease before any other file: one job at a time writes OUT
-        return encode_holding(args, out, cfg, job, log, lease_lost)
+    with exit_on_sigterm(), held(out, wait, log) as lease_lost:  # the lease before any other file: one job at a time writes OUT
+        return encode_holding(args, out, cfg, job, log, lease_lost, deadline)
 
 
-def encode_holding(args, out, cfg, job, log, lease_lost):
+@contextmanager
+def exit_on_sigterm():
+    """Within the block, SIGTERM (a scheduler stopping or pre-empting the job) ends the job like Ctrl-C: the lease
+    on OUT is released and the MLflow run marked failed on the way out, so the next run need not wait for the
+    lease to expire. Committed parts stay; a rerun does the rest."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def encode_holding(args, out, cfg, job, log, lease_lost, deadline=None):
     from . import track
-    tracker = track.start(out, getattr(args, "experiment", None), log)  # one MLflow run per job, opened first
+    # One MLflow run per job, opened first; all its calls together take `deadline` seconds at most.
+    deadline = track.DEADLINE if deadline is None else deadline
+    tracker = track.start(out, getattr(args, "experiment", None), log, deadline=deadline)
     try:
         summary = run(args.input, out, cfg, log=log, lease_lost=lease_lost, **job)
-        if not getattr(args, "no_render", False) and "://" not in out:
+        if not getattr(args, "no_render", False):
             from .collection import render_collection
             summary["render"] = render_collection(out, summary["config_id"], log=log)
     except BaseException:
         if tracker["run_id"]:
             track.retried("mark run failed", lambda: track.client_for(out).set_terminated(tracker["run_id"], "FAILED"),
-                          log)
+                          log, tracker)
         raise
     summary["mlflow"] = track.finish(tracker, out, summary, cfg, job, versions(), log)
     print(json.dumps(summary))

@@ -8,7 +8,6 @@ import base64
 import html
 import json
 import math
-import os
 import statistics
 
 import pyarrow as pa
@@ -152,11 +151,10 @@ def name_of(uri):
 def strip_img(out, image_id):
     if not store.is_image_id(image_id):  # it names a folder: anything else could point outside OUT
         return '<span class="muted">no thumbnails</span>'
-    path = os.path.join(out, "thumbnails", image_id, "strip.png")
-    if not os.path.exists(path):
+    data = store.read_bytes(out, f"thumbnails/{image_id}/strip.png")
+    if data is None:
         return '<span class="muted">no thumbnails</span>'
-    with open(path, "rb") as f:
-        return f'<img alt="levels of {esc(image_id[:12])}" src="{data_uri(f.read(), "image/png")}">'
+    return f'<img alt="levels of {esc(image_id[:12])}" src="{data_uri(data, "image/png")}">'
 
 
 TABLE_HEAD = ("<table><tr><th>image</th><th>size</th><th>MR-Net bytes</th><th>bpp</th><th>PSNR</th><th>SSIM</th>"
@@ -184,13 +182,6 @@ def table_row(r):
     return "<tr>" + "".join(cells) + "</tr>"
 
 
-def write_text(path, text):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(out, config_id):
     """Write OUT/report.html and OUT/report/{rate_distortion,psnr_per_level}.svg; the report's path.
 
@@ -205,9 +196,8 @@ def write_report(out, config_id):
     manifest = store.read_json(out, "manifest.json")
     plots = {"rate_distortion.svg": rd_plot([(bpp[i], psnr[i][-1]) for i in scored], curve_means(out, is_config)),
              "psnr_per_level.svg": level_plot([psnr[i] for i in scored])}
-    os.makedirs(os.path.join(out, "report"), exist_ok=True)
     for name, svg in plots.items():
-        write_text(os.path.join(out, "report", name), svg)
+        store.write_bytes(out, f"report/{name}", svg.encode())
 
     ranked = sorted(scored, key=lambda i: psnr[i][-1], reverse=True)
     k = min(3, len(ranked) // 2) or len(ranked)
@@ -258,22 +248,20 @@ MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is h
 {CHECK_SCRIPT}
 </body></html>
 """
-    path = os.path.join(out, "report.html")
-    tmp = os.path.join(out, ".report.html.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(head + TABLE_HEAD)
+    with store.output(out, "report.html") as f:
+        write = lambda text: f.write(text.encode())  # noqa: E731
+        write(head + TABLE_HEAD)
         for offset in range(0, images.num_rows, ROWS_AT_ONCE):
-            f.write("".join(table_row(r) for r in images.slice(offset, ROWS_AT_ONCE).to_pylist()))
-        f.write("</table>" + middle)
+            write("".join(table_row(r) for r in images.slice(offset, ROWS_AT_ONCE).to_pylist()))
+        write("</table>" + middle)
         if failed:
-            f.write("<table><tr><th>uri</th><th>stage</th><th>kind</th><th>message</th></tr>")
+            write("<table><tr><th>uri</th><th>stage</th><th>kind</th><th>message</th></tr>")
             for b in batches(out, "failures", ["uri", "stage", "error_kind", "message"], is_config, store.FAILURES):
-                f.write("".join(f'<tr><td class="l">{esc(r["uri"])}</td><td class="l">{esc(r["stage"])}</td>'
-                                f'<td class="l">{esc(r["error_kind"])}</td><td class="l">{esc(r["message"])}</td></tr>'
-                                for r in b.to_pylist()))
-            f.write("</table>")
+                write("".join(f'<tr><td class="l">{esc(r["uri"])}</td><td class="l">{esc(r["stage"])}</td>'
+                            f'<td class="l">{esc(r["error_kind"])}</td><td class="l">{esc(r["message"])}</td></tr>'
+                            for r in b.to_pylist()))
+            write("</table>")
         else:
-            f.write('<p class="muted">none</p>')
-        f.write(tail)
-    os.replace(tmp, path)
-    return path
+            write('<p class="muted">none</p>')
+        write(tail)
+    return store.join(out, "report.html")

@@ -28,11 +28,13 @@ MAX_BATCH_SIZE = 1024
 MAX_ACTORS = 1024
 MAX_GPUS_PER_ACTOR = 16.0
 MAX_CPUS_PER_ACTOR = 1024.0
+MAX_TRACKING_DEADLINE = 3600.0
 
 JOB_KEYS = {"preset": str, "size": Bound(int, 1, MAX_SIZE), "max_pixels": Bound(int, 1, DEFAULT_MAX_PIXELS),
             "batch_size": Bound(int, 1, MAX_BATCH_SIZE), "actors": Bound(int, 1, MAX_ACTORS),
             "num_gpus": Bound(float, 0, MAX_GPUS_PER_ACTOR),
             "num_cpus": Bound(float, 0, MAX_CPUS_PER_ACTOR, above_low=True),
+            "tracking_deadline": Bound(float, 0, MAX_TRACKING_DEADLINE),  # seconds for all of a job's MLflow calls
             "wait": bool}  # wait for another job's lease on OUT rather than stop
 
 

@@ -1,17 +1,24 @@
-"""The output folder: Parquet part files written atomically, what is already done, and the manifest.
+"""The output folder, local or on an object store: files written whole, Parquet parts, done work, the manifest.
 
     OUT/encodings/part-<hash>.parquet   one row per encoded image and config (ENCODINGS)
     OUT/failures/part-<hash>.parquet    one row per image that could not be encoded (FAILURES)
     OUT/manifest.json                   configs, versions and counts
     OUT/_listing/<config_id>/           the job's input listing (scratch; readers skip names starting with _ or .)
 
-A part file is named by a hash of its config and contents, written under a hidden temporary name and then
-renamed, so a reader never sees half a file, and a retried batch replaces its own file instead of adding one.
+Every file in OUT is written through `output` (or `write_bytes`), so a reader never sees half a file: on a local
+disk under a hidden temporary name, then renamed; on an object store (s3://, gs://, ...; no rename there) as one
+whole-object write that starts only once the content is complete. A part file is named by a hash of its config
+and contents, so a retried batch replaces its own file instead of adding one.
 """
 import hashlib
+import io
 import json
+import os
 import re
+import shutil
+import tempfile
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -91,18 +98,78 @@ def join(out, *names):
     return "/".join([out.rstrip("/"), *names])
 
 
+def is_remote(uri):
+    """Whether uri names an object store or another non-local filesystem (s3://bucket/key), not a local path."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+@contextmanager
+def output(out, name):
+    """A binary file object for OUT/name (name may hold folders); the file appears whole when the block ends
+    without an error, and not at all otherwise."""
+    fs, path = filesystem(join(out, name))
+    folder, base = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{base}"
+        try:
+            with open(tmp, "wb") as f:
+                yield f
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    # An object store: spool locally, then upload in one write, so that an error while the content is being
+    # made (or a kill) never leaves a partial object behind.
+    with tempfile.SpooledTemporaryFile(max_size=16 << 20) as spool:
+        yield spool
+        spool.seek(0)
+        with fs.open_output_stream(path) as f:
+            shutil.copyfileobj(spool, f, 8 << 20)
+
+
+def write_bytes(out, name, data):
+    """OUT/name holding `data`, written whole (see `output`)."""
+    with output(out, name) as f:
+        f.write(data)
+
+
+def read_bytes(out, name):
+    """The bytes of OUT/name, or None when there is no such file."""
+    fs, path = filesystem(join(out, name))
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def exists(out, name):
+    """Whether OUT/name is a file."""
+    fs, path = filesystem(join(out, name))
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def delete(out, name):
+    """Remove OUT/name if it exists."""
+    fs, path = filesystem(join(out, name))
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def write_part(out, folder, name, rows, schema):
-    """Write rows (a list of dicts) as OUT/folder/name: to a hidden temporary file first, then rename."""
-    fs, path = filesystem(join(out, folder))
-    fs.create_dir(path, recursive=True)
-    tmp = f"{path}/.tmp-{uuid.uuid4().hex}-{name}"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp, filesystem=fs)
-    fs.move(tmp, f"{path}/{name}")
+    """Write rows (a list of dicts) as the Parquet file OUT/folder/name, whole (see `output`)."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    write_bytes(out, f"{folder}/{name}", buffer.getvalue())
 
 
 def remove_temporaries(out):
     """Delete temporary files a killed run left behind (never visible to readers, but they take space)."""
-    for folder in ("encodings", "failures"):
+    for folder in ("encodings", "failures", "comparison/images", "comparison/curves"):
         fs, path = filesystem(join(out, folder))
         if fs.get_file_info(path).type != pafs.FileType.Directory:
             continue
@@ -191,17 +258,12 @@ def ensure_tables(out):
 
 
 def write_json(out, name, obj):
-    fs, path = filesystem(join(out, name))
-    tmp = join(path.rsplit("/", 1)[0], f".tmp-{uuid.uuid4().hex}-{name}")
-    with fs.open_output_stream(tmp) as f:
-        f.write(json.dumps(obj, indent=2).encode())
-    fs.move(tmp, path)
+    write_bytes(out, name, json.dumps(obj, indent=2).encode())
 
 
 def read_json(out, name):
-    fs, path = filesystem(join(out, name))
+    data = read_bytes(out, name)
     try:
-        with fs.open_input_stream(path) as f:
-            return json.loads(f.read())
-    except (FileNotFoundError, json.JSONDecodeError):
+        return {} if data is None else json.loads(data)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
         return {}

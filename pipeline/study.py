@@ -13,6 +13,7 @@ with JPEG/WebP/AVIF at the same bytes, report.html), so reruns skip what is done
 (one row per config and image), OUT/study.html (the rate-distortion plot and table over all configs) and, in
 MLflow, one parent run with a nested run per config.
 """
+import io
 import itertools
 import json
 import os
@@ -29,7 +30,7 @@ from mrnet_core.config import ConfigError, make_config
 from . import store, track
 from .settings import check_job
 from .compare import CODECS, CURVES, IMAGES
-from .report import CHECK_SCRIPT, NAMES, STYLE, data_uri, esc, fmt, svg_plot, write_text
+from .report import CHECK_SCRIPT, NAMES, STYLE, data_uri, esc, fmt, svg_plot
 
 PALETTE = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f", "#393b79", "#637939"]
 CODEC_COLORS = {"jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
@@ -159,17 +160,16 @@ def html_table(table):
 def write_study(out, configs):
     """OUT/study.parquet, OUT/study.html and OUT/study/rate_distortion.svg; the summary table."""
     rows = study_rows(out, configs)
-    os.makedirs(os.path.join(out, "study"), exist_ok=True)
     if rows:
-        tmp = os.path.join(out, ".study.parquet.tmp")
-        pq.write_table(pa.Table.from_pylist(rows), tmp)
-        os.replace(tmp, os.path.join(out, "study.parquet"))
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows), buffer)
+        store.write_bytes(out, "study.parquet", buffer.getvalue())
     # The codecs' curves are of the same images whatever the config: the first config's serve for all.
     curves = store.read_table(folder_of(out, configs[0][0]), "comparison/curves", schema=CURVES).to_pylist() \
         if configs else []
     table = summary_table(rows, configs)
     svg = rd_svg(table, curves)
-    write_text(os.path.join(out, "study", "rate_distortion.svg"), svg)
+    store.write_bytes(out, "study/rate_distortion.svg", svg.encode())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MR-Net study: {esc(out)}</title>{STYLE}</head>
 <body>
@@ -188,7 +188,7 @@ codec's. Each config's own report is configs/&lt;name&gt;/report.html.</p>
 {CHECK_SCRIPT}
 </body></html>
 """
-    write_text(os.path.join(out, "study.html"), page)
+    store.write_bytes(out, "study.html", page.encode())
     return table
 
 
@@ -221,16 +221,19 @@ def cmd_study(args):
 def sweep(args, configs, job, out, log):
     from .collection import render_collection
     from .encode import run, versions
-    experiment = args.experiment or f"mrnet-study-{os.path.basename(out.rstrip('/'))}"
-    parent = track.start(out, experiment, log, command="study")
+    experiment = args.experiment or track.default_experiment(out, "study")
+    # One tracking deadline for the whole study: its configs' runs share what the study's run leaves.
+    parent = track.start(out, experiment, log, command="study", deadline=job.pop("tracking_deadline", track.DEADLINE))
     results = {}
     for i, (name, _, cfg) in enumerate(configs):
         folder = folder_of(out, name)
         log(f"study: config {i + 1}/{len(configs)}: {name} -> {folder}")
-        child = track.start(folder, experiment, log, command=f"study {name}", parent=parent["run_id"])
+        child = track.start(folder, experiment, log, command=f"study {name}", parent=parent["run_id"],
+                            deadline=parent["seconds_left"])
         summary = run(args.input, folder, cfg, log=log, **job)
         summary["render"] = render_collection(folder, summary["config_id"], log=log)
         summary["mlflow"] = track.finish(child, folder, summary, cfg, job, versions(), log)
+        parent["seconds_left"] = child["seconds_left"]  # one deadline for the study: its configs' calls count
         results[name] = {k: summary[k] for k in ("config_id", "done", "failed", "skipped", "seconds")}
     table = write_study(out, configs)
     finish_parent(parent, out, table, log)
@@ -263,4 +266,4 @@ def finish_parent(parent, out, table, log):
                 client.log_artifact(parent["run_id"], os.path.join(out, path), os.path.dirname(path) or None)
         client.set_terminated(parent["run_id"], "FINISHED")
 
-    _, parent["error"] = track.retried("log study run", log_all, log)
+    _, parent["error"] = track.retried("log study run", log_all, log, parent)

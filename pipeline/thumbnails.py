@@ -4,13 +4,13 @@ Level k (k = 0 coarsest) is drawn at that level's own size with t = k + 1, the l
 show: a small thumbnail evaluates only the coarse stages its pixels need, so it is both cheap and free of
 aliasing. Nothing here reads the original image.
 """
-import os
-
 import torch
 from PIL import Image
 
-from mrnet_core.images import save_png, to_pil
+from mrnet_core.images import png_bytes, to_pil
 from mrnet_core.render import render
+
+from . import store
 
 STRIP_HEIGHT = 128  # every level is shown at this height in the strip, so the levels line up
 GAP = 4
@@ -37,10 +37,10 @@ def strip(model, meta, height=STRIP_HEIGHT):
 
 
 @torch.no_grad()
-def write_thumbnails(model, meta, folder):
-    """folder/level_<k>.png for every level and folder/strip.png; the rendered levels (for the comparison)."""
+def write_thumbnails(model, meta, out, folder):
+    """OUT/folder/level_<k>.png for every level and OUT/folder/strip.png; the rendered levels (for the comparison)."""
     levels = render_levels(model, meta)
     for k, image in enumerate(levels):
-        save_png(image, os.path.join(folder, f"level_{k}.png"))
-    save_png(strip(model, meta), os.path.join(folder, "strip.png"))
+        store.write_bytes(out, f"{folder}/level_{k}.png", png_bytes(image))
+    store.write_bytes(out, f"{folder}/strip.png", png_bytes(strip(model, meta)))
     return levels

@@ -6,14 +6,21 @@ work, and nothing races on first use. Per-image figures stay in Parquet; the run
 `log_batch`. Tracking is never fatal: each call is retried a few times and a failure is reported in the job's
 summary, with the Parquet output untouched.
 
-Where: MLFLOW_TRACKING_URI when set (a server, `databricks`, a database); otherwise an embedded SQLite store next
-to the results, `sqlite:///OUT/mlflow.db`, with artifacts in OUT/mlartifacts (for a remote OUT, `mlruns.db` in
-the working directory).
+Tracking never holds a job up for long: all of a job's MLflow calls together get a deadline (DEADLINE seconds by
+default, `tracking_deadline` in the [job] table). A call still unanswered when the time is up (a server that
+accepts connections but never answers) is abandoned, the job goes on, and the summary says why it is not tracked.
+
+Where: MLFLOW_TRACKING_URI when set (a server, `databricks`, a database; the server decides where artifacts go);
+otherwise an embedded SQLite store next to the results, `sqlite:///OUT/mlflow.db`, with artifacts in
+OUT/mlartifacts. For an OUT on an object store the embedded store is `mlruns.db` in the working directory (SQLite
+needs a local disk) while the artifacts still go to OUT/mlartifacts, under an experiment named after the whole URI.
 """
 import itertools
 import json
 import os
 import subprocess
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -23,27 +30,72 @@ from . import store
 
 ATTEMPTS = 3
 WAIT = 1.0  # seconds before the first retry, doubling
+DEADLINE = 60.0  # seconds all of a job's MLflow calls may take together
 
 
 def tracking_uri(out):
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if "://" in out:
+    if store.is_remote(out):
         return f"sqlite:///{os.path.abspath('mlruns.db')}"
     return f"sqlite:///{os.path.join(out, 'mlflow.db')}"
 
 
-def retried(what, fn, log):
-    """fn() with ATTEMPTS tries; (result, None) or (None, the last error as one line)."""
-    for attempt in range(ATTEMPTS):
+def default_experiment(out, command="encode"):
+    """mrnet-<OUT's folder name> (mrnet-study-... for a study); the whole URI for an OUT on an object store, whose
+    runs share one local store: each OUT its own experiment, so that its artifacts go to that OUT."""
+    prefix = "mrnet-study-" if command.startswith("study") else "mrnet-"
+    if store.is_remote(out):
+        return prefix + out.rstrip("/")
+    return prefix + (os.path.basename(out.rstrip("/")) or "encode")
+
+
+class DeadlinePassed(TimeoutError):
+    """The job's time for tracking is spent."""
+
+
+def within(fn, seconds):
+    """fn(), or DeadlinePassed when it has not returned after `seconds`. It runs in a daemon thread, which is left
+    behind when it hangs: MLflow's clients have no way to abandon a call, and the job must not wait for it."""
+    if seconds <= 0:
+        raise DeadlinePassed("the job's tracking deadline has passed")
+    result = {}
+
+    def call():
         try:
-            return fn(), None
-        except Exception as e:  # any tracking failure: network, server, store
-            error = f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            log(f"mlflow: attempt {attempt + 1}/{ATTEMPTS} failed: {error}")
-            if attempt + 1 < ATTEMPTS:
-                time.sleep(WAIT * 2**attempt)
-    return None, error
+            result["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (handed to the caller's thread)
+            result["error"] = e
+
+    thread = threading.Thread(target=call, name="mrnet-mlflow", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise DeadlinePassed(f"no answer before the job's tracking deadline ({seconds:.1f} s were left)")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def retried(what, fn, log, tracker):
+    """fn() with ATTEMPTS tries, within the time for tracking the tracker has left (which it spends); (result,
+    None) or (None, the last error as one line)."""
+    started = time.monotonic()
+    try:
+        for attempt in range(ATTEMPTS):
+            try:
+                return within(fn, tracker["seconds_left"] - (time.monotonic() - started)), None
+            except DeadlinePassed as e:
+                return None, f"{what}: {e}"
+            except Exception as e:  # any tracking failure: network, server, store
+                error = f"{what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                log(f"mlflow: attempt {attempt + 1}/{ATTEMPTS} failed: {error}")
+                if attempt + 1 < ATTEMPTS:
+                    left = tracker["seconds_left"] - (time.monotonic() - started)
+                    time.sleep(max(0.0, min(WAIT * 2**attempt, left)))
+        return None, error
+    finally:
+        tracker["seconds_left"] -= time.monotonic() - started
 
 
 def client_for(out):
@@ -55,14 +107,14 @@ def client_for(out):
 
 
 def experiment_id(client, name, out):
-    """The experiment's id, creating it (artifacts under OUT for a local store) if need be."""
+    """The experiment's id, creating it (artifacts in OUT/mlartifacts for an embedded store) if need be."""
     from mlflow.exceptions import MlflowException
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    local = tracking_uri(out).startswith(("sqlite:", "file:")) and "://" not in out
+    embedded = tracking_uri(out).startswith(("sqlite:", "file:"))
     try:
-        return client.create_experiment(name, artifact_location=os.path.join(out, "mlartifacts") if local else None)
+        return client.create_experiment(name, artifact_location=store.join(out, "mlartifacts") if embedded else None)
     except MlflowException:  # created meanwhile by another job
         return client.get_experiment_by_name(name).experiment_id
 
@@ -76,11 +128,12 @@ def git_commit():
         return "unknown"
 
 
-def start(out, experiment=None, log=print, command="encode", parent=None):
-    """Open the job's run (status RUNNING), nested under run `parent` if given. Returns a dict for finish(); never
-    raises."""
-    name = experiment or f"mrnet-{os.path.basename(out.rstrip('/')) or 'encode'}"
-    tracker = {"experiment": name, "tracking_uri": tracking_uri(out), "run_id": None, "error": None}
+def start(out, experiment=None, log=print, command="encode", parent=None, deadline=DEADLINE):
+    """Open the job's run (status RUNNING), nested under run `parent` if given. Returns a dict for finish() and
+    retried(): the MLflow calls made with it take `deadline` seconds in all at most. Never raises."""
+    name = experiment or default_experiment(out, command)
+    tracker = {"experiment": name, "tracking_uri": tracking_uri(out), "run_id": None, "error": None,
+               "seconds_left": deadline, "command": command, "parent": parent}
 
     def open_run():
         client = client_for(out)
@@ -93,7 +146,7 @@ def start(out, experiment=None, log=print, command="encode", parent=None):
         run = client.create_run(exp, run_name=f"{command} {time.strftime('%Y-%m-%d %H:%M:%S')}", tags=tags)
         return run.info.run_id
 
-    tracker["run_id"], tracker["error"] = retried("open run", open_run, log)
+    tracker["run_id"], tracker["error"] = retried("open run", open_run, log, tracker)
     return tracker
 
 
@@ -127,7 +180,7 @@ def aggregates(out, cfg_id, summary):
                   "compression_ratio/file": np.sum(rows["file_bytes"]) / model.sum()})
     from .compare import CODECS, IMAGES
     columns = [f"{c}_{k}" for c in CODECS for k in ("psnr", "bpp")]  # only what the means need
-    compared = store.read_table(out, "comparison/images", columns, is_config, IMAGES).to_pydict() if "://" not in out else {}
+    compared = store.read_table(out, "comparison/images", columns, is_config, IMAGES).to_pydict()
     for codec in CODECS:
         values = [v for v in compared.get(f"{codec}_psnr", []) if v is not None]
         if values:
@@ -137,9 +190,8 @@ def aggregates(out, cfg_id, summary):
 
 
 def artifacts(out, cfg_id):
-    """Local files to log: the report, its plots, the contact sheet and a per-image summary Parquet."""
-    if "://" in out:
-        return []
+    """Names under OUT of the files to log: the report, its plots, the contact sheet and a per-image summary
+    Parquet (written here, as OUT/report/summary.parquet)."""
     import pyarrow.parquet as pq
     from .collection import batches
     from .compare import IMAGES
@@ -151,16 +203,26 @@ def artifacts(out, cfg_id):
         rows = batches(out, "encodings", schema.names, is_config, store.ENCODINGS)
     else:
         rows = itertools.chain([first], rows)
-    os.makedirs(os.path.join(out, "report"), exist_ok=True)
-    path = os.path.join(out, "report", "summary.parquet")
-    tmp = os.path.join(out, "report", ".summary.parquet.tmp")
-    with pq.ParquetWriter(tmp, schema) as writer:  # a batch at a time: memory does not grow with the collection
-        for batch in rows:
+    with store.output(out, "report/summary.parquet") as f, pq.ParquetWriter(f, schema) as writer:
+        for batch in rows:  # a batch at a time: memory does not grow with the collection
             writer.write_batch(batch)
-    os.replace(tmp, path)
-    files = [path] + [os.path.join(out, p) for p in ("report.html", "contact_sheet.png",
-                                                      "report/rate_distortion.svg", "report/psnr_per_level.svg")]
-    return [f for f in files if os.path.exists(f)]
+    names = ["report/summary.parquet", "report.html", "contact_sheet.png", "report/rate_distortion.svg",
+             "report/psnr_per_level.svg"]
+    return [n for n in names if store.exists(out, n)]
+
+
+def log_artifacts(client, run_id, out, names):
+    """Log OUT's files `names` (relative) to the run, each in its folder; a remote OUT's through a local copy,
+    since MLflow logs only local files."""
+    with tempfile.TemporaryDirectory(prefix="mrnet-artifacts-") as scratch:
+        for name in names:
+            path = os.path.join(out, name)
+            if store.is_remote(out):
+                path = os.path.join(scratch, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(store.read_bytes(out, name) or b"")
+            client.log_artifact(run_id, path, os.path.dirname(name) or None)
 
 
 def devices(out, cfg_id):
@@ -181,11 +243,12 @@ def finish(tracker, out, summary, cfg, job, versions, log=print, status="FINISHE
     """Log params, metrics, tags and artifacts to the job's run and close it. Returns what the summary reports:
     {experiment, tracking_uri, run_id} or the same with `error`; never raises."""
     cfg_id = summary["config_id"]
-    if tracker["run_id"] is None:  # the start failed: the server may be back
-        tracker.update(start(out, tracker["experiment"], log))
+    if tracker["run_id"] is None:  # the start failed: the server may be back, if time is left
+        tracker.update(start(out, tracker["experiment"], log, tracker["command"], tracker["parent"],
+                             tracker["seconds_left"]))
         if tracker["run_id"] is None:
             log(f"mlflow: not recorded ({tracker['tracking_uri']}): {tracker['error']}; the Parquet output is complete")
-            return tracker
+            return report(tracker)
 
     def log_all():
         from mlflow.entities import Metric, Param, RunTag
@@ -197,15 +260,18 @@ def finish(tracker, out, summary, cfg, job, versions, log=print, status="FINISHE
                          metrics=[Metric(k, v, now, 0) for k, v in aggregates(out, cfg_id, summary).items()],
                          params=[Param(k, v) for k, v in params(cfg, job, cfg_id, versions).items()],
                          tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
-        for path in artifacts(out, cfg_id):
-            folder = os.path.dirname(os.path.relpath(path, out))
-            client.log_artifact(tracker["run_id"], path, folder or None)
+        log_artifacts(client, tracker["run_id"], out, artifacts(out, cfg_id))
         client.set_terminated(tracker["run_id"], status)
 
-    _, tracker["error"] = retried("log run", log_all, log)
+    _, tracker["error"] = retried("log run", log_all, log, tracker)
     if tracker["error"]:
         log(f"mlflow: run {tracker['run_id']} incomplete ({tracker['tracking_uri']}): {tracker['error']}; "
             "the Parquet output is complete")
     else:
         log(f"mlflow: run {tracker['run_id']} in experiment {tracker['experiment']} at {tracker['tracking_uri']}")
-    return tracker
+    return report(tracker)
+
+
+def report(tracker):
+    """What a job's summary says of its run: experiment, tracking_uri, run_id, error."""
+    return {k: tracker[k] for k in ("experiment", "tracking_uri", "run_id", "error")}

@@ -210,6 +210,26 @@ def test_a_dead_tracking_server_is_reported_not_fatal(job, monkeypatch, capsys):
     assert (out / "report.html").exists()
 
 
+def test_a_tracking_server_that_never_answers_costs_the_job_its_deadline_only(job, monkeypatch, capsys):
+    src, out = job
+    silent = socket.socket()  # the kernel completes connections on a listening socket; nobody ever reads them
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{silent.getsockname()[1]}")
+    try:
+        start = time.perf_counter()
+        assert main(["encode", str(src), "--out", str(out), *ENCODE, "--tracking-deadline", "3"]) == 0
+        seconds = time.perf_counter() - start
+    finally:
+        silent.close()
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["mlflow"]["run_id"] is None and "deadline" in summary["mlflow"]["error"]
+    assert summary["skipped"] == 3 and len(encodings(out)) == 3
+    # Without a deadline each call waits out MLflow's HTTP timeout and retries (minutes); here the calls share 3 s.
+    assert seconds < 60, seconds
+
+
 def chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -128,7 +128,7 @@ def test_a_hostile_image_id_in_the_comparison_table_is_never_a_path(tmp_path):
     assert write_contact_sheet(str(out), table) is None  # the strip outside OUT is not read
     assert "no thumbnails" in strip_img(str(out), traversal)
     with pytest.raises(ValueError, match="not 64 lowercase hex"):
-        thumbnail_folder(str(out), traversal)
+        thumbnail_folder(traversal)
 
 
 def test_export_collection_skips_hostile_rows_and_writes_only_under_its_folder(tmp_path, capsys):

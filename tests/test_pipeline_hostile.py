@@ -128,3 +128,29 @@ def test_two_jobs_at_once_on_one_out_encode_each_image_once(tmp_path):
     got = rows(out)
     assert sorted(os.path.basename(r["uri"]) for r in got) == [f"img{i:03d}.png" for i in range(6)]
     assert not (out / "_lease.json").exists()
+
+
+def test_sigterm_ends_a_job_with_its_lease_released_and_its_run_marked_failed(tmp_path):
+    images = synthetic(tmp_path / "in", 4, size=64)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out),
+                            "--preset", "fast", "--batch-size", "1", "--no-render", "--ray-address", "local"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "_listing").exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # the listing is written once the lease is held and the MLflow run is open
+        assert job.poll() is None, job.communicate()[1][-2000:]
+        job.terminate()  # SIGTERM, as a scheduler stops a job
+        _, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    assert not (out / "_lease.json").exists()  # released: the next run need not wait for it to expire
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("mrnet-out").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
