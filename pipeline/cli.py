@@ -262,6 +262,14 @@ def cmd_render_collection(args):
     return 1 if summary["rejected"] else 0  # rows skipped (each warned about): the rest is done
 
 
+def _version():
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("mrnet")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a bad flag reported on one line (exit status 2) like a bad config."""
 
@@ -271,6 +279,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser():
     parser = _Parser(prog="mrnet", description="Encode images as multiresolution sinusoidal networks.")
+    parser.add_argument("--version", action="version", version=f"mrnet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", help="fit one MR-Net per image; images of the same size are fitted together")
@@ -325,6 +334,8 @@ def build_parser():
     p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
     p.add_argument("--wait", action="store_true", default=None,
                    help="when another job holds OUT, wait for it (or for its lease to expire) rather than stop")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when any input of this run failed (default: 0; failures are rows in OUT/failures)")
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("study", help="rate-distortion sweep over a grid of configs, against JPEG, WebP and AVIF")

@@ -376,4 +376,4 @@ def encode_holding(args, out, cfg, job, log, lease_lost, deadline=None):
         raise
     summary["mlflow"] = track.finish(tracker, out, summary, cfg, job, versions(), log)
     print(json.dumps(summary))
-    return 0
+    return 1 if getattr(args, "strict", False) and summary["failed"] else 0

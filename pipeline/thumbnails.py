@@ -30,7 +30,7 @@ def strip(model, meta, height=STRIP_HEIGHT):
     n = len(meta["levels"])
     width = max(1, round(meta["width"] * height / meta["height"]))
     tiles = [to_pil(render(model, width, height, t=k + 1, index=0).clamp(0, 1)) for k in range(n)]
-    sheet = Image.new(tiles[0].mode, (n * width + (n - 1) * GAP, height), 255)
+    sheet = Image.new(tiles[0].mode, (n * width + (n - 1) * GAP, height), "white")  # 255 alone is red in RGB
     for k, tile in enumerate(tiles):
         sheet.paste(tile, (k * (width + GAP), 0))
     return sheet

@@ -113,3 +113,9 @@ def test_fit_to_a_target_rate_writes_a_model_within_it(tmp_path):
     size = (out / "chelsea.mrnet").stat().st_size
     assert record["model_bytes"] == size and 8 * size / (40 * 27) <= 4 and record["weight_bits"] == 8
     assert record["rate"]["met"] and len(record["levels"]) == 2
+
+
+def test_version():
+    from importlib.metadata import version
+    result = mrnet("--version")
+    assert result.returncode == 0 and result.stdout == f"mrnet {version('mrnet')}\n"

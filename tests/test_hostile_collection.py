@@ -153,3 +153,13 @@ def test_export_collection_skips_hostile_rows_and_writes_only_under_its_folder(t
     assert "Traceback" not in captured.err
     assert files_under(tmp_path) - files_under(assets) == outside
     assert os.listdir(assets) == [good_id] and (assets / good_id / "manifest.json").exists()
+
+
+def test_level_strips_of_rgb_models_have_neutral_gaps():
+    from pipeline.thumbnails import GAP, STRIP_HEIGHT, strip
+    architecture, weights = model_file()
+    model, meta = modelfile.from_bytes(weights)
+    sheet = strip(model, meta, height=16)
+    gap = sheet.crop((16, 0, 16 + GAP, 16))  # between the first level (16 px wide: a square image) and the next
+    assert sheet.mode == "RGB" and set(gap.getdata()) == {(255, 255, 255)}
+    assert STRIP_HEIGHT > 16

@@ -29,7 +29,7 @@ def ray_session():
     ray.shutdown()
 
 
-def test_bad_lines_and_special_files_are_failure_rows(tmp_path, monkeypatch):
+def test_bad_lines_and_special_files_are_failure_rows(tmp_path, monkeypatch, capsys):
     images = synthetic(tmp_path / "in", 1)
     good = images / "img000.png"
     os.mkfifo(images / "fifo.png")
@@ -41,7 +41,10 @@ def test_bad_lines_and_special_files_are_failure_rows(tmp_path, monkeypatch):
     listing.write_text("\n".join(["./img000.png", str(good), "foo://bar/x.png", "fifo.png", "loop.png", "sock.png",
                                   "/dev/null"]) + "\n")
     out = tmp_path / "out"
-    summary = run(str(listing), str(out), TINY, size=32)
+    # --strict: the job goes on past bad inputs, then exits 1 because some failed
+    assert main(["encode", str(listing), "--out", str(out), "--preset", "fast", "--levels", "2", "--size", "32",
+                 "--no-render", "--strict"]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (summary["listed"], summary["done"], summary["failed"]) == (6, 1, 5)  # ./img000.png is the same file
     assert [r["uri"] for r in rows(out)] == [str(good)]
     failed = {r["uri"]: r for r in rows(out, "failures")}
