@@ -47,7 +47,7 @@ SUMMARY = pa.schema([("rendered", pa.int64()), ("rejected", pa.int64()), ("warni
 
 def pick_config(out, config_id=None):
     """(config_id, its manifest entry): the one asked for, else the last run's."""
-    manifest = store.read_json(out, "manifest.json")
+    manifest = store.read_manifest(out)
     configs = manifest.get("configs", {})
     if not configs:
         raise FileNotFoundError(f"{out}: no manifest.json with encodings; run `mrnet encode ... --out {out}` first")

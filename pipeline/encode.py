@@ -299,7 +299,7 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
                "images_per_second": round(totals["done"] / seconds, 3)}
     store.ensure_tables(out)
-    write_manifest(out, cfg, cfg_id, size, max_pixels, summary)
+    write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log)
     if totals["deferred"]:
         log(f"encode: {totals['deferred']} image(s) ran out of device memory even alone and were deferred: "
             f"a rerun tries them again (with fewer actors per device, or on a larger one)")
@@ -318,8 +318,15 @@ def column_sum(table, column):
     return int(sum(table.column(column).to_pylist()))
 
 
-def write_manifest(out, cfg, cfg_id, size, max_pixels, summary):
-    manifest = store.read_json(out, "manifest.json")
+def write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log=print):
+    try:
+        manifest = store.read_manifest(out)
+    except store.CorruptFile as e:  # keep what it holds for a person to read; the new one starts afresh
+        aside = f"manifest.json.corrupt-{now().strftime('%Y%m%dT%H%M%S')}"
+        store.write_bytes(out, aside, store.read_bytes(out, "manifest.json"))
+        log(f"encode: warning: {e}; kept as {aside}, and a new manifest written (configs of earlier runs not in "
+            f"this one are missing from it)")
+        manifest = {}
     manifest.setdefault("configs", {})[cfg_id] = {"fit": cfg.to_dict(), "size": size, "format": FORMAT}
     counts = {}
     for folder, name in (("encodings", "encoded"), ("failures", "failed")):

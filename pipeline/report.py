@@ -193,7 +193,7 @@ def write_report(out, config_id):
     psnr, bpp = images.column("psnr").to_pylist(), images.column("bpp").to_pylist()
     scored = [i for i, p in enumerate(psnr) if p]
     failed = sum(b.num_rows for b in batches(out, "failures", ["uri"], is_config, store.FAILURES))
-    manifest = store.read_json(out, "manifest.json")
+    manifest = store.read_manifest(out)
     plots = {"rate_distortion.svg": rd_plot([(bpp[i], psnr[i][-1]) for i in scored], curve_means(out, is_config)),
              "psnr_per_level.svg": level_plot([psnr[i] for i in scored])}
     for name, svg in plots.items():

@@ -261,9 +261,32 @@ def write_json(out, name, obj):
     write_bytes(out, name, json.dumps(obj, indent=2).encode())
 
 
+class CorruptFile(ValueError):
+    """A file in OUT that is not what it should be (one line naming it)."""
+
+
 def read_json(out, name):
+    """The JSON object in OUT/name; {} when there is no such file; CorruptFile when it is not a JSON object."""
     data = read_bytes(out, name)
-    try:
-        return {} if data is None else json.loads(data)
-    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+    if data is None:
         return {}
+    try:
+        obj = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptFile(f"{join(out, name)}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CorruptFile(f"{join(out, name)}: not a JSON object")
+    return obj
+
+
+def read_manifest(out):
+    """OUT/manifest.json ({} when there is none); CorruptFile when it is not what `mrnet encode` writes: configs a
+    table of {"fit": {...}, "size": int or null}, last_run and versions tables."""
+    manifest = read_json(out, "manifest.json")
+    configs = manifest.get("configs", {})
+    sound = isinstance(configs, dict) and all(
+        isinstance(c, dict) and isinstance(c.get("fit"), dict)
+        and (c.get("size") is None or type(c.get("size")) is int) for c in configs.values())
+    if not sound or not all(isinstance(manifest.get(k, {}), dict) for k in ("last_run", "versions", "counts")):
+        raise CorruptFile(f"{join(out, 'manifest.json')}: not a manifest written by mrnet encode")
+    return manifest

@@ -89,7 +89,7 @@ def study_rows(out, configs):
     rows = []
     for name, variant, cfg in configs:
         folder = folder_of(out, name)
-        manifest = store.read_json(folder, "manifest.json")
+        manifest = store.read_manifest(folder)
         cfg_id = manifest.get("last_run", {}).get("config_id")
         if not cfg_id:
             continue

@@ -73,9 +73,15 @@ def test_stray_files_in_out_are_skipped_and_listed_and_readers_find_failures(tmp
     (out / "encodings" / "README.txt").write_text("these are my encodings\n")
     (out / "encodings" / "part-truncated.parquet").write_bytes(part.read_bytes()[:100])
     (out / "failures" / "notes.md").write_text("# failures\n")
+    (out / "manifest.json").write_text('{"configs": ["not", "a", "table"]}')  # edited by hand, badly
+    with pytest.raises(ValueError, match="manifest.json: not a manifest written by mrnet encode"):
+        render_collection(str(out))  # one line naming the file, not a traceback from deep inside
     logs = []
     again = run(str(images), str(out), TINY, size=32, log=logs.append)
     assert (again["done"], again["skipped"]) == (0, 2) and len(rows(out)) == 2
+    aside = [p.name for p in out.glob("manifest.json.corrupt-*")]  # kept for a person to read, and a warning says so
+    assert len(aside) == 1 and (out / aside[0]).read_text() == '{"configs": ["not", "a", "table"]}'
+    assert sum(aside[0] in line for line in logs) == 1
     skipped = json.loads((out / "manifest.json").read_text())["skipped_files"]
     assert sorted(os.path.basename(s["file"]) for s in skipped) == ["README.txt", "notes.md",
                                                                    "part-truncated.parquet"]
