@@ -107,8 +107,8 @@ def run_case(size, batch, overrides, device):
         "fp32_peak_gflops": round(peak, 1), "peak_ratio": round(useful / seconds / 1e9 / peak, 3),
         "tf32_peak_gflops": tf32_peak and round(tf32_peak, 1),
         "tf32_ratio": tf32_peak and round(useful / seconds / 1e9 / tf32_peak, 3),
-        "images_per_hour": round(3600 * batch / seconds), "estimate_mib": round(encode_memory_bytes(cfg, 3, size,
-                                                                                                     size, batch) / 2**20),
+        "images_per_hour": round(3600 * batch / seconds),
+        "estimate_mib": round(encode_memory_bytes(cfg, 3, size, size, batch) / 2**20),
     }
 
 
@@ -144,7 +144,8 @@ def main():
     print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()), flush=True)
     max_pixels = args.max_pixels or (16 * 128**2 if device.type == "cpu" else 1 << 40)
     header = f"{'size':>5} {'B':>3} {'model':>5} {'img/s':>8} {'img/h':>8} {'Msamples/s':>10} {'GFLOP/s':>8} " \
-             f"{'fp32 peak':>9} {'ratio':>6} {'tf32 ratio':>10} {'PSNR dB':>8} {'min':>6} {'peak MiB':>8} {'est MiB':>8}"
+             f"{'fp32 peak':>9} {'ratio':>6} {'tf32 ratio':>10} {'PSNR dB':>8} {'min':>6} " \
+             f"{'peak MiB':>8} {'est MiB':>8}"
     print(header, flush=True)
     rows = []
     for size in map(int, args.sizes.split(",")):

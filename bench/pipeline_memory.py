@@ -67,7 +67,8 @@ def main():
     a = ap.parse_args()
     if a.one:
         return one(a.one)
-    print("| images | done | seconds | driver peak RSS (MiB) | largest Ray worker peak (MiB) | all Ray processes (MiB) |")
+    print("| images | done | seconds | driver peak RSS (MiB) | largest Ray worker peak (MiB) "
+          "| all Ray processes (MiB) |")
     print("|---|---|---|---|---|---|")
     for n in a.n:
         out = subprocess.run([sys.executable, __file__, "--one", str(n)], capture_output=True, text=True)

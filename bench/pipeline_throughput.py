@@ -3,8 +3,8 @@
     python bench/pipeline_throughput.py [--n 64] [--size 64] [--batch 16] [--threads CPUS]
 
 Both sides decode the same PNG files and fit batches of `--batch` same-sized images with `--threads` torch
-threads (a local Ray of that many CPUs, one fitting actor). Ray's start-up (ray.init) is excluded; the pipeline's own costs
-(listing, actor start-up, moving pixels, Parquet writes, the done-set lookups) are included.
+threads (a local Ray of that many CPUs, one fitting actor). Ray's start-up (ray.init) is excluded; the pipeline's
+own costs (listing, actor start-up, moving pixels, Parquet writes, the done-set lookups) are included.
 """
 import argparse
 import os

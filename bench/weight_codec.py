@@ -65,7 +65,8 @@ def main():
         record = measure(model, image, cfg, bits)[0][0]
         name = {32: "float32", 16: "float16"}.get(bits, f"{bits}-bit" + (f", {qat} QAT epochs" if qat else ", rounded"))
         levels = " / ".join(f"{lv['psnr']:.2f}" for lv in record["levels"])
-        print(f"| {name} | {len(blob):,} | {8 * len(blob) / (h * w):.3f} | {8 * len(blob) / fitted.arch.params():.2f} | "
+        print(f"| {name} | {len(blob):,} | {8 * len(blob) / (h * w):.3f} | "
+              f"{8 * len(blob) / fitted.arch.params():.2f} | "
               f"{levels} | {1000 * (t1 - t0):.1f} | {1000 * (t2 - t1):.1f} |")
 
 

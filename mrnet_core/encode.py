@@ -57,8 +57,8 @@ def encode(images, cfg: FitConfig, device=None, progress=None, budget=None):
     model, reports = fit(images, cfg, device=device, progress=progress)
     check_finite(model)
     if cfg.weight_bits <= 8:
-        finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or BATCH_PIXELS, cfg.levels,
-                 cfg.border, cfg.seed)
+        finetune(model, images, cfg.weight_bits, cfg.qat_epochs, cfg.qat_lr, cfg.batch_pixels or BATCH_PIXELS,
+                 cfg.levels, cfg.border, cfg.seed)
         check_finite(model)
     seconds = time.perf_counter() - start
     records, blobs = measure(model, images, cfg, budget=budget)

@@ -161,7 +161,8 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
                 xs = torch.index_select(coords, 0, idx).expand(b, -1, -1)
                 ys = torch.index_select(residual, 1, idx, out=_buffer(work, "ys", (b, len(idx), c), residual))
                 if basis is not None:
-                    bs = torch.index_select(basis, 1, idx, out=_buffer(work, "bs", (b, len(idx), basis.shape[-1]), basis))
+                    bs = torch.index_select(basis, 1, idx,
+                                            out=_buffer(work, "bs", (b, len(idx), basis.shape[-1]), basis))
             per_image = loss_and_grads(stage, xs, bs, ys, active.to(ys.dtype), work)
             optimizer.step(lr, active)
             epoch_loss += per_image * (ys.shape[1] / n)

@@ -170,8 +170,9 @@ def _bounds_problem(model, channels, in_features, flags, omega_hidden, width, he
 
 def _header(arch, meta, bits):
     flags = int(arch.periodic) | 2 * (meta.get("border", "reflect") == "wrap")
-    out = [MAGIC, struct.pack("<I", VERSION), _HEAD.pack(ord(arch.model), arch.channels, arch.in_features, flags,
-                                                        arch.omega_hidden, meta["width"], meta["height"], len(arch.stages))]
+    out = [MAGIC, struct.pack("<I", VERSION),
+           _HEAD.pack(ord(arch.model), arch.channels, arch.in_features, flags,
+                      arch.omega_hidden, meta["width"], meta["height"], len(arch.stages))]
     for s in arch.stages:
         out.append(_STAGE.pack(s.first, len(s.hidden), s.omega_0) + struct.pack(f"<{len(s.hidden)}H", *s.hidden))
     out.append(struct.pack("<B", bits))

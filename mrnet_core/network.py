@@ -43,7 +43,8 @@ class Architecture:
             raise ValueError(f"channels and in_features must be positive, not {self.channels}, {self.in_features}")
         for s in self.stages:
             if (self.model == "s") != (len(s.hidden) == 0):
-                raise ValueError(f"{MODELS[self.model]} stages {'have no' if self.model == 's' else 'need'} hidden layers")
+                raise ValueError(f"{MODELS[self.model]} stages "
+                                 f"{'have no' if self.model == 's' else 'need'} hidden layers")
             if s.first < 1 or any(h < 1 for h in s.hidden):
                 raise ValueError(f"layer widths must be positive: {s}")
         if self.periodic and self.model == "f":

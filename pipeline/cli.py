@@ -285,7 +285,8 @@ def build_parser():
     p = sub.add_parser("fit", help="fit one MR-Net per image; images of the same size are fitted together")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--model", choices=sorted(MODELS), help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP")
+    p.add_argument("--model", choices=sorted(MODELS),
+                   help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP")
     p.add_argument("--preset", help="default (unless the config's [job] table names one), fast, texture or compact")
     p.add_argument("--config", help="TOML or JSON file: fit keys, or [fit] and [job] tables as for encode (see README)")
     p.add_argument("--size", type=int, help="resize so that the long side is S pixels")
@@ -320,7 +321,8 @@ def build_parser():
     p = sub.add_parser("encode", help="encode a folder, glob or URI list into Parquet on Ray (resumable)")
     p.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs (local, s3://, gs://, file://)")
     p.add_argument("--out", required=True, help="output folder or URI")
-    for flag, kind, text in [("--config", str, "TOML/JSON, [fit] and [job] tables"), ("--preset", str, "default, fast or texture"),
+    for flag, kind, text in [("--config", str, "TOML/JSON, [fit] and [job] tables"),
+                             ("--preset", str, "default, fast or texture"),
                              ("--size", int, "resize the long side to S"), ("--levels", int, "levels (stages)"),
                              ("--ray-address", str, "join this Ray cluster (default: a local one)"),
                              ("--num-gpus", float, "GPUs per actor"), ("--actors", int, "most fitting actors"),

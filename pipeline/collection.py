@@ -218,7 +218,8 @@ def render_collection(out, config_id=None, log=print, workers=None):
     config_id, config = pick_config(out, config_id)
     local = not ray.is_initialized()
     if local:
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # a new one: never attach to another job's
+        # a new one: never attach to another job's
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         totals = compare_all(out, config_id, config, log, workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
     finally:

@@ -115,7 +115,8 @@ def codec_at_budget(original, codec, budget):
         data = min((data for _, data in tried), key=len)
         return {f"{codec}_quality": None, f"{codec}_bytes": len(data), f"{codec}_bpp": 8 * len(data) / pixels,
                 f"{codec}_psnr": None, f"{codec}_ssim": None,
-                f"{codec}_note": f"even quality {QUALITY_RANGE[0]} takes {len(data)} bytes, over the budget of {budget}"}
+                f"{codec}_note": f"even quality {QUALITY_RANGE[0]} takes {len(data)} bytes, "
+                                 f"over the budget of {budget}"}
     (p, s), quality, data = max(fitting, key=lambda f: f[0][0])
     note = f"quality {quality} is the highest and uses only {len(data)} of {budget} bytes" \
         if quality == QUALITY_RANGE[1] and len(data) < budget else None
@@ -152,7 +153,8 @@ def compare(row, levels, size, border):
         return {**out, "note": f"original not compared: {e}"}, []
     if tuple(original.shape) != (row["channels"], row["height"], row["width"]):
         return {**out, "note": f"{row['uri']}: the file changed since it was encoded "
-                               f"({tuple(original.shape)} now, not {(row['channels'], row['height'], row['width'])})"}, []
+                               f"({tuple(original.shape)} now, "
+                               f"not {(row['channels'], row['height'], row['width'])})"}, []
     pyramid = gaussian_pyramid(original[None], levels=len(levels), border=border)[::-1]
     scores = [score(lv, g[0]) for lv, g in zip(levels, pyramid)]
     out.update(psnr=[p for p, _ in scores], ssim=[s for _, s in scores])

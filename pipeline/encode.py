@@ -347,7 +347,8 @@ def cmd_encode(args):
         ray.init(address=args.ray_address, log_to_driver=False)
     plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its errors before any file
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    with exit_on_sigterm(), held(out, wait, log) as lease_lost:  # the lease before any other file: one job at a time writes OUT
+    # the lease before any other file: one job at a time writes OUT
+    with exit_on_sigterm(), held(out, wait, log) as lease_lost:
         return encode_holding(args, out, cfg, job, log, lease_lost, deadline)
 
 

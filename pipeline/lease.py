@@ -141,7 +141,10 @@ def describe(lease):
 
 
 def _take_over(fs, path, stale, lease, settle):
-    """Whether this job replaced the expired lease `stale` with `lease`; one claim per stale token lets one job do it."""
+    """Whether this job replaced the expired lease `stale` with `lease`.
+
+    One claim per stale token lets one job do it.
+    """
     claim = f"{path[: -len('.json')]}.{stale['token']}.claim"
     if not _create(fs, claim, lease["token"].encode(), settle):
         old = _read(fs, claim)  # a claimer killed mid-take-over leaves its claim: it expires like a lease

@@ -41,7 +41,8 @@ h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin-top: 28px;
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 12px; min-width: 120px; }
 .card b { display: block; font-size: 18px; }
 .plots { display: flex; gap: 16px; flex-wrap: wrap; }
-table { border-collapse: collapse; font-size: 12px; } td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+table { border-collapse: collapse; font-size: 12px; } \
+td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
 th { background: #f4f4f4; } td.l { text-align: left; } .win { background: #e6f4e6; } .lose { background: #fbeaea; }
 .strip img { height: 96px; image-rendering: auto; } .muted { color: #777; }
 </style>"""
@@ -68,7 +69,8 @@ def svg_plot(series, xlabel, ylabel, logx=False, title="", integer_x=False):
     """An SVG line/point plot. series: [(name, color, [(x, y)], 'line' | 'points')]."""
     pts = [(x, y) for _, _, xy, _ in series for x, y in xy if x is not None and y is not None]
     if not pts:
-        return f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}"><text x="20" y="30">no data</text></svg>'
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">'
+                '<text x="20" y="30">no data</text></svg>')
     tx = (lambda v: math.log10(v)) if logx else (lambda v: v)
     xs, ys = [tx(x) for x, _ in pts], [y for _, y in pts]
     x0, x1 = min(xs), max(xs)
@@ -84,7 +86,8 @@ def svg_plot(series, xlabel, ylabel, logx=False, title="", integer_x=False):
     def py(y):
         return H - M - (y - y0) / (y1 - y0) * (H - 1.6 * M)
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+             'font-family="sans-serif" font-size="11">',
              f'<rect width="{W}" height="{H}" fill="white"/>',
              f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{esc(title)}</text>',
              f'<line x1="{M}" y1="{H - M}" x2="{W - M / 2}" y2="{H - M}" stroke="#444"/>',
@@ -98,14 +101,16 @@ def svg_plot(series, xlabel, ylabel, logx=False, title="", integer_x=False):
         parts.append(f'<line x1="{M - 4}" y1="{py(t):.1f}" x2="{W - M / 2}" y2="{py(t):.1f}" stroke="#eee"/>'
                      f'<text x="{M - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.1f}</text>')
     parts.append(f'<text x="{(W + M) / 2}" y="{H - 10}" text-anchor="middle">{esc(xlabel)}</text>'
-                 f'<text x="14" y="{H / 2}" text-anchor="middle" transform="rotate(-90 14 {H / 2})">{esc(ylabel)}</text>')
+                 f'<text x="14" y="{H / 2}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {H / 2})">{esc(ylabel)}</text>')
     for i, (name, color, xy, kind) in enumerate(series):
         xy = [(x, y) for x, y in xy if x is not None and y is not None]
         if kind == "line" and len(xy) > 1:
             d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in xy)
             parts.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2"/>')
         for x, y in xy:
-            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="{3.5 if kind == "points" else 2.5}" fill="{color}"/>')
+            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" '
+                         f'r="{3.5 if kind == "points" else 2.5}" fill="{color}"/>')
         if name:  # legend in the lower right, where rate-distortion curves rarely go
             ly = H - M - 14 * (len(series) - i) - 4
             parts.append(f'<rect x="{W - 130}" y="{ly}" width="10" height="10" fill="{color}"/>'
@@ -217,9 +222,10 @@ def write_report(out, config_id):
     last = manifest.get("last_run", {})
 
     def gallery(picked):
+        rows = images.take(pa.array(picked, pa.int64())).to_pylist()
         return "".join(f'<div class="strip"><p>{esc(name_of(r["uri"]))}: {fmt(r["psnr"][-1])} dB at '
                        f'{fmt(r["bpp"])} bpp; levels {" / ".join(fmt(p) for p in r["psnr"])} dB</p>'
-                       f'{strip_img(out, r["image_id"])}</div>' for r in images.take(pa.array(picked, pa.int64())).to_pylist())
+                       f'{strip_img(out, r["image_id"])}</div>' for r in rows)
 
     head = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MR-Net report: {esc(out)}</title>{STYLE}</head>

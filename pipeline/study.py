@@ -50,7 +50,8 @@ def read_grid(path):
         raise ConfigError(f"{path}: must be a table of [job], [fit], [grid] and [[config]]")
     unknown = set(data) - {"job", "fit", "grid", "config"}
     if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; use [job], [fit], [grid], [[config]]")
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; "
+                          "use [job], [fit], [grid], [[config]]")
     for table in ("job", "fit", "grid"):
         if not isinstance(data.get(table, {}), dict):
             raise ConfigError(f"{path}: {table} must be a table ([{table}])")
@@ -109,7 +110,8 @@ def summary_table(rows, configs):
             continue
         levels = max(len(r["psnr"]) for r in mine)
         full = [r for r in mine if len(r["psnr"]) == levels]
-        entry = {"config": name, "variant": variant, "images": len(mine), "bpp": statistics.fmean(r["bpp"] for r in mine),
+        entry = {"config": name, "variant": variant, "images": len(mine),
+                 "bpp": statistics.fmean(r["bpp"] for r in mine),
                  "psnr": [statistics.fmean(r["psnr"][k] for r in full) for k in range(levels)]}
         for c in CODECS:
             scored = [r[f"{c}_psnr"] for r in mine if r[f"{c}_psnr"] is not None]
@@ -142,7 +144,8 @@ def html_table(table):
     levels = max((len(e["psnr"]) for e in table), default=0)
     head = ("<tr><th>config</th><th>images</th><th>bpp</th><th>PSNR full</th>"
             + "".join(f"<th>level {k}</th>" for k in range(levels))
-            + "".join(f"<th>{NAMES[c]} same bytes</th>" for c in CODECS) + "<th>MR-Net ≥ JPEG (where JPEG fits)</th></tr>")
+            + "".join(f"<th>{NAMES[c]} same bytes</th>" for c in CODECS)
+            + "<th>MR-Net ≥ JPEG (where JPEG fits)</th></tr>")
     body = []
     for e in table:
         cells = [f'<td class="l">{esc(e["config"])}</td><td>{e["images"]}</td><td>{fmt(e["bpp"], 3)}</td>',
@@ -240,7 +243,8 @@ def sweep(args, configs, job, out, log):
     for e in table:
         log(f"study: {e['config']}: {e['bpp']:.3f} bpp, {e['psnr'][-1]:.2f} dB (levels "
             f"{' / '.join(f'{p:.2f}' for p in e['psnr'])}); JPEG {fmt(e['jpeg'])}, WebP {fmt(e['webp'])}, "
-            f"AVIF {fmt(e['avif'])} dB at the same bytes; MR-Net >= JPEG on {e['beats_jpeg']}/{e['images'] - e['jpeg_missing']}"
+            f"AVIF {fmt(e['avif'])} dB at the same bytes; "
+            f"MR-Net >= JPEG on {e['beats_jpeg']}/{e['images'] - e['jpeg_missing']}"
             + (f" ({e['jpeg_missing']} below JPEG's smallest file)" if e["jpeg_missing"] else ""))
     print(json.dumps({"out": out, "configs": results, "study": os.path.join(out, "study.html"),
                       "mlflow": {k: parent.get(k) for k in ("experiment", "tracking_uri", "run_id", "error")}}))

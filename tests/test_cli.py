@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mrnet(*args):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_fit_reports_a_bad_file_by_name_and_goes_on(fitted):
 def test_render_any_size_level_and_window(fitted, tmp_path):
     _, out = fitted
     model = out / "astronaut.mrnet"
-    r = mrnet("render", model, "--out", tmp_path / "tiles.png", "--size", "40x20", "--domain", "-1,-1,3,1", "--level", "1.5")
+    r = mrnet("render", model, "--out", tmp_path / "tiles.png", "--size", "40x20", "--domain", "-1,-1,3,1",
+              "--level", "1.5")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "tiles.png").size == (40, 20)
     r = mrnet("render", model, "--out", tmp_path / "thumb.png", "--size", "12x12")
@@ -92,7 +94,8 @@ def test_a_model_that_cannot_be_read_is_a_data_error(model, message, tmp_path):
 
 def test_bad_render_arguments(fitted, tmp_path):
     _, out = fitted
-    for flag, value, message in [("--size", "12", "WxH"), ("--domain", "0,0,0,1", "x0,y0,x1,y1"), ("--level", "7", "[0, 2]")]:
+    for flag, value, message in [("--size", "12", "WxH"), ("--domain", "0,0,0,1", "x0,y0,x1,y1"),
+                                 ("--level", "7", "[0, 2]")]:
         result = mrnet("render", out / "astronaut.mrnet", "--out", tmp_path / "x.png", flag, value)
         assert result.returncode == 2 and message in result.stderr
 

@@ -104,7 +104,7 @@ def test_render_collection_skips_hostile_rows_and_writes_only_under_out(job, tmp
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert summary["rendered"] == 2 and summary["rejected"] == len(hostile)
     for bad, reason in hostile:  # one line each, naming the row and the reason
-        lines = [l for l in captured.err.splitlines() if f"uri {bad['uri']!r}" in l]
+        lines = [line for line in captured.err.splitlines() if f"uri {bad['uri']!r}" in line]
         assert len(lines) == 1 and f"image_id {bad['image_id']!r}" in lines[0] and reason in lines[0], lines
     assert "Traceback" not in captured.err
     assert files_under(tmp_path) - files_under(out) == outside  # nothing written outside OUT
@@ -148,7 +148,7 @@ def test_export_collection_skips_hostile_rows_and_writes_only_under_its_folder(t
     assert f"exported 1 texture(s) of {1 + len(hostile)} encoding(s)" in captured.out
     assert f"{len(hostile)} row(s) skipped" in captured.out
     for bad, reason in hostile:
-        lines = [l for l in captured.err.splitlines() if f"uri {bad['uri']!r}" in l]
+        lines = [line for line in captured.err.splitlines() if f"uri {bad['uri']!r}" in line]
         assert len(lines) == 1 and f"image_id {bad['image_id']!r}" in lines[0] and reason in lines[0], lines
     assert "Traceback" not in captured.err
     assert files_under(tmp_path) - files_under(assets) == outside

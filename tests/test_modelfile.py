@@ -70,7 +70,8 @@ def test_fewer_bits_make_smaller_files():
     bound = 100
     for name, p in m.named_parameters():
         is_weight, layer = ".weights." in name, int(name.rsplit(".", 1)[1])
-        bound += p[0].numel() * quantize.tensor_bits(8, layer, is_weight) / 8 + (p.shape[-1] if quantize.column_steps(p.shape[1:]) else 1) + 1
+        bound += (p[0].numel() * quantize.tensor_bits(8, layer, is_weight) / 8
+                  + (p.shape[-1] if quantize.column_steps(p.shape[1:]) else 1) + 1)
     assert sizes[2] <= bound
 
 
@@ -190,7 +191,8 @@ HOSTILE_HEADERS = [
 ]
 
 
-@pytest.mark.parametrize("fields,reason", HOSTILE_HEADERS, ids=[",".join(f) + str(i) for i, (f, _) in enumerate(HOSTILE_HEADERS)])
+@pytest.mark.parametrize("fields,reason", HOSTILE_HEADERS,
+                         ids=[",".join(f) + str(i) for i, (f, _) in enumerate(HOSTILE_HEADERS)])
 def test_header_fields_out_of_bounds_are_refused_even_with_a_right_checksum(fields, reason):
     with pytest.raises(modelfile.ModelFileError, match=re.escape(reason)):
         modelfile.from_bytes(edited(modelfile.to_bytes(model(1), META), **fields), "forged.mrnet")
@@ -267,7 +269,8 @@ def test_only_regular_files_are_read(tmp_path, kind):
         os.mkfifo(path)  # main's reader blocked here, waiting for a writer
     error = call_with_timeout(lambda: modelfile.load(path))
     assert isinstance(error, modelfile.ModelFileError)
-    assert str(error) == f"{path}: is {dict(fifo='a FIFO (named pipe)', directory='a directory', device='a character device')[kind]}, not a model file"
+    what = dict(fifo="a FIFO (named pipe)", directory="a directory", device="a character device")[kind]
+    assert str(error) == f"{path}: is {what}, not a model file"
 
 
 def test_files_over_the_cap_are_refused_before_reading(tmp_path):
@@ -298,7 +301,8 @@ def test_render_command_gives_one_line_for_hostile_model_paths(tmp_path, capfd, 
         target = tmp_path / "forged.mrnet"
         target.write_bytes(edited(modelfile.to_bytes(model(1), META), omega_hidden=0.0))
     codes = []
-    assert call_with_timeout(lambda: codes.append(main(["render", str(target), "--out", str(tmp_path / "o.png")]))) is None
+    argv = ["render", str(target), "--out", str(tmp_path / "o.png")]
+    assert call_with_timeout(lambda: codes.append(main(argv))) is None
     assert codes == [1]  # unusable input, not a bad flag
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {target}: ") and "Traceback" not in err

@@ -59,7 +59,8 @@ def reseal(data):
 
 def same_model(loaded, original):
     (m, meta), (m0, meta0) = loaded, original
-    return meta == meta0 and m.arch == m0.arch and all(torch.equal(p, q) for p, q in zip(m.parameters(), m0.parameters()))
+    return (meta == meta0 and m.arch == m0.arch
+            and all(torch.equal(p, q) for p, q in zip(m.parameters(), m0.parameters())))
 
 
 @pytest.mark.parametrize("bits", sorted(FILES))

@@ -120,5 +120,6 @@ def test_finetuning_keeps_a_fourier_embedding_as_drawn():
     embedding = model.stages[0].weights[0].clone(), model.stages[0].biases[0].clone()
     hidden = model.stages[0].weights[1].clone()
     finetune(model, images, 6, epochs=3, batch_pixels=256, levels=1)
-    assert torch.equal(model.stages[0].weights[0], embedding[0]) and torch.equal(model.stages[0].biases[0], embedding[1])
+    assert torch.equal(model.stages[0].weights[0], embedding[0])
+    assert torch.equal(model.stages[0].biases[0], embedding[1])
     assert not torch.equal(model.stages[0].weights[1], hidden)

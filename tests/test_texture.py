@@ -91,7 +91,8 @@ def test_mip_chain_sizes_levels_and_files(texture_fit, tmp_path):
     model, _, _ = texture_fit
     meta = {"width": 32, "height": 32, "channels": 3, "levels": [[16, 16], [32, 32]]}
     manifest = export_mips(model, meta, tmp_path)
-    assert [(e["width"], e["height"]) for e in manifest["images"]] == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    sizes = [(e["width"], e["height"]) for e in manifest["images"]]
+    assert sizes == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
     ts = [e["t"] for e in manifest["images"]]
     assert ts[0] == 2 and ts[1] == 1 and ts == sorted(ts, reverse=True)
     for e in manifest["images"]:
@@ -100,8 +101,10 @@ def test_mip_chain_sizes_levels_and_files(texture_fit, tmp_path):
 
 
 def test_export_command(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, a)], cwd=ROOT,
-                                    capture_output=True, text=True)
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, a)], cwd=ROOT,
+                              capture_output=True, text=True)
+
     r = run("fit", ROOT / "samples/camera.png", "--out", tmp_path, "--preset", "texture", "--config",
             _fast_config(tmp_path), "--size", "16", "--levels", "2")
     assert r.returncode == 0, r.stderr
