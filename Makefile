@@ -17,4 +17,7 @@ demo: .venv/.stamp
 test: .venv/.stamp
 	$(PY) -m pytest tests
 
-.PHONY: setup demo test
+lint: .venv/.stamp
+	$(PY) -m ruff check .
+
+.PHONY: setup demo test lint
