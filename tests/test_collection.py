@@ -13,7 +13,6 @@ import urllib.request
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline import compare as cmp
@@ -27,12 +26,7 @@ SAMPLES = ("astronaut.png", "camera.png", "rocket.jpg")  # RGB, grey, JPEG
 ENCODE = ["--preset", "fast", "--levels", "2", "--size", "32"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    # num_gpus=0: these tests assert CPU plans, which must hold where a GPU is visible too.
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +70,8 @@ def test_thumbnails_every_level_and_comparison_against_the_pyramid(job):
             assert c[f"{codec}_quality"] == 100 and "highest" in c[f"{codec}_note"]  # these models are huge
     curves = store.read_table(str(out), "comparison/curves", schema=CURVES).to_pylist()
     assert len(curves) == 3 * len(cmp.CODECS) * len(cmp.LADDER)
-    jpeg = sorted((c["quality"], c["bytes"]) for c in curves if c["codec"] == "jpeg" and c["image_id"] == rows[0]["image_id"])
+    jpeg = sorted((c["quality"], c["bytes"]) for c in curves
+                  if c["codec"] == "jpeg" and c["image_id"] == rows[0]["image_id"])
     assert [b for _, b in jpeg] == sorted(b for _, b in jpeg)  # bigger files at higher quality
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.height == 3 * 64 + 2 * 4

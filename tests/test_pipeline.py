@@ -9,7 +9,6 @@ import time
 import numpy as np
 import psutil
 import pytest
-import ray
 from PIL import Image
 
 from mrnet_core import modelfile
@@ -24,12 +23,7 @@ from pipeline.encode import run
 TINY = make_config("fast", {"levels": 2})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    # num_gpus=0: these tests assert CPU plans, which must hold where a GPU is visible too.
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # tests/conftest.py
 
 
 def rows(out, folder="encodings"):
@@ -111,7 +105,8 @@ def bad_corpus(folder):
     save("sliver.png", Image.new("L", (400, 4)), "too_small")  # 32x1 after resizing
     good = (folder / "palette.png").read_bytes()
     for name, data, kind in [("empty.png", b"", "empty"), ("truncated.png", good[: len(good) // 2], "corrupt"),
-                             ("corrupt.png", good[: len(good) // 2] + bytes(64) + good[len(good) // 2 + 64 :], "corrupt"),
+                             ("corrupt.png", good[: len(good) // 2] + bytes(64) + good[len(good) // 2 + 64 :],
+                              "corrupt"),
                              ("text.jpg", b"these are not the pixels you are looking for\n" * 20, "not_an_image")]:
         (folder / name).write_bytes(data)
         expect[name] = kind
@@ -163,7 +158,7 @@ def encoder_processes():
 
 
 def test_worker_killed_mid_job_loses_and_duplicates_nothing(tmp_path):
-    images = synthetic(tmp_path / "images", 24)
+    images = synthetic(tmp_path / "images", 6, size=16)  # three calls: one committed, one to kill, one after
     out = tmp_path / "out"
     cfg = make_config("fast", {"levels": 2, "max_epochs": [300, 300]})  # about a second a call: time to kill one
     result = {}
@@ -176,7 +171,7 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(tmp_path):
     assert parts(out) and len(victims) == 1
     victims[0].send_signal(signal.SIGKILL)
     job.join(timeout=300)
-    assert not job.is_alive() and result["done"] == 24 and result["failed"] == 0
+    assert not job.is_alive() and result["done"] == 6 and result["failed"] == 0
     got = rows(out)
-    assert len(got) == 24 and len({(r["uri"], r["image_id"]) for r in got}) == 24
+    assert len(got) == 6 and len({(r["uri"], r["image_id"]) for r in got}) == 6
     assert not victims[0].is_running()  # so the job finished on a restarted actor

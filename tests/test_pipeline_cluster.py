@@ -35,12 +35,16 @@ def test_two_node_cluster_fits_on_the_worker_node(samples, tmp_path):
 
 
 def test_driver_killed_mid_job_then_rerun_loses_and_duplicates_nothing(tmp_path):
-    images = synthetic(tmp_path / "images", 16)
+    images = synthetic(tmp_path / "images", 4, size=16)
     out = tmp_path / "out"
     config = tmp_path / "slow.toml"
-    config.write_text('[job]\npreset = "fast"\nbatch_size = 1\n[fit]\nlevels = 2\nmax_epochs = [300, 300]\n')
+    # One actor, one image a call, about a second each: the first part is committed while three images still wait,
+    # on any number of cores. 16 px: the rerun's fits cost little, and what is asserted does not depend on size.
+    config.write_text('[job]\npreset = "fast"\nbatch_size = 1\nactors = 1\n'
+                      '[fit]\nlevels = 2\nmax_epochs = [300, 300]\n')
+    # --no-render: exactly once is about the encodings (the final stage has its own exactly-once test).
     command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config", str(config),
-               "--ray-address", "local"]  # a Ray of its own, whatever else runs on this machine
+               "--no-render", "--ray-address", "local"]  # a Ray of its own, whatever else runs on this machine
 
     driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
@@ -50,17 +54,19 @@ def test_driver_killed_mid_job_then_rerun_loses_and_duplicates_nothing(tmp_path)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     # Ray's own processes share the driver's fate; wait for them so none of its actors can still commit a part.
-    gone, alive = psutil.wait_procs(ray_processes, timeout=30)
+    # Its workers are gone within seconds, but two agents (runtime env, dashboard) that commit nothing linger for
+    # half a minute: whatever is left after 10 s is killed, as before after 30.
+    gone, alive = psutil.wait_procs(ray_processes, timeout=10)
     for p in alive:  # started by this test, by id
         p.kill()
     committed = len(rows(out))
-    assert 0 < committed < 16, "the driver was not killed mid-job"
+    assert 0 < committed < 4, "the driver was not killed mid-job"
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert (summary["done"], summary["skipped"], summary["failed"]) == (16 - committed, committed, 0)
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (4 - committed, committed, 0)
     got = rows(out)
-    assert len(got) == 16 and len({(r["uri"], r["image_id"]) for r in got}) == 16
+    assert len(got) == 4 and len({(r["uri"], r["image_id"]) for r in got}) == 4
     assert not [n for n in os.listdir(out / "encodings") if n.startswith(".tmp-")]
     assert store.read_table(str(out), "failures").num_rows == 0

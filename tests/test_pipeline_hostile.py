@@ -11,7 +11,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipeline import store
 from pipeline.cli import main
@@ -22,11 +21,7 @@ from test_pipeline import TINY, rows, synthetic
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # tests/conftest.py
 
 
 def test_bad_lines_and_special_files_are_failure_rows(tmp_path, monkeypatch, capsys):

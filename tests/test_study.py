@@ -4,7 +4,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipeline.cli import main
 from pipeline.study import read_grid
@@ -22,12 +21,7 @@ target_bpp = [3.0, 8.0]
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    # num_gpus=0: these tests assert CPU plans, which must hold where a GPU is visible too.
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")  # tests/conftest.py
 
 
 def test_grid_crosses_variants_with_grid_points_and_rejects_bad_keys(tmp_path):
