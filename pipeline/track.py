@@ -243,6 +243,11 @@ def finish(tracker, out, summary, cfg, job, versions, log=print, status="FINISHE
     """Log params, metrics, tags and artifacts to the job's run and close it. Returns what the summary reports:
     {experiment, tracking_uri, run_id} or the same with `error`; never raises."""
     cfg_id = summary["config_id"]
+    try:  # OUT's own file, written once here rather than inside the retried, time-limited MLflow calls
+        names = artifacts(out, cfg_id)
+    except OSError as e:
+        log(f"mlflow: cannot write {store.join(out, 'report/summary.parquet')}: {e}")
+        names = []
     if tracker["run_id"] is None:  # the start failed: the server may be back, if time is left
         tracker.update(start(out, tracker["experiment"], log, tracker["command"], tracker["parent"],
                              tracker["seconds_left"]))
@@ -260,7 +265,7 @@ def finish(tracker, out, summary, cfg, job, versions, log=print, status="FINISHE
                          metrics=[Metric(k, v, now, 0) for k, v in aggregates(out, cfg_id, summary).items()],
                          params=[Param(k, v) for k, v in params(cfg, job, cfg_id, versions).items()],
                          tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
-        log_artifacts(client, tracker["run_id"], out, artifacts(out, cfg_id))
+        log_artifacts(client, tracker["run_id"], out, names)
         client.set_terminated(tracker["run_id"], status)
 
     _, tracker["error"] = retried("log run", log_all, log, tracker)
