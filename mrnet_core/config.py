@@ -27,6 +27,7 @@ MAX_LR = 1.0
 MAX_TARGET_BPP = 64.0  # more than raw 16-bit RGB (48 bpp)
 MAX_TARGET_PSNR = 100.0  # dB
 MAX_SEED = 2**32 - 1
+MAX_PRIOR_PATH = 4096
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class FitConfig:
     # or 8 when weight_bits is a float width.
     target_bpp: float = 0.0
     target_psnr: float = 0.0
+    # Where each image starts: "auto" (the shipped default prior for quantised encodes it has rungs for, else
+    # none), "none" (a random draw, fitted stage by stage), "default", or the path of a prior file (`prior.py`).
+    prior: str = "auto"
 
     def validate(self):
         """This config with every number checked against BOUNDS (per-stage keys as tuples), and the keys checked
@@ -145,6 +149,9 @@ class FitConfig:
             value = getattr(cfg, key)
             if value not in tuple(allowed):  # a tuple: a list value must not be hashed
                 raise ConfigError(f"{key}: must be one of {', '.join(map(str, allowed))}, not {_show(value)}")
+        if not (isinstance(cfg.prior, str) and 0 < len(cfg.prior) <= MAX_PRIOR_PATH
+                and cfg.prior.isprintable()):
+            raise ConfigError(f"prior: must be auto, none, default or a prior file's path, not {_show(cfg.prior)}")
         if not isinstance(cfg.periodic, bool):
             raise ConfigError(f"periodic: must be true or false, not {_show(cfg.periodic)}")
         if cfg.periodic and cfg.weight_bits <= 8:

@@ -3,19 +3,21 @@
 Layout (all numbers little-endian):
 
     magic     8 bytes  b"\\x89MRNET\\r\\n"
-    version   uint32   4
+    version   uint32   4, or 5 for weights coded as residuals from a collection prior (`prior.py`)
     header    model (ASCII s/l/m/f), channels, in_features, flags (1: periodic, 2: wrap border) as four uint8;
               omega_hidden float32; width, height uint32; stage count uint8; per stage: first-layer width
-              uint16, hidden-layer count uint8, omega_0 float32, hidden widths uint16 each; weight bits uint8
+              uint16, hidden-layer count uint8, omega_0 float32, hidden widths uint16 each; weight bits uint8;
+              version 5 only: the prior's id (`prior.ID_BYTES` bytes of its SHA-256)
     payload   the weights, stage by stage, layer by layer, weight [fan_in, fan_out] then bias [fan_out] (the order
               of `Architecture.layer_shapes`):
               bits 32 or 16: raw float32 or float16 arrays;
-              bits 2 to 8 (first-layer weights and biases: `quantize.FINE_BITS`): for every tensor its step
+              bits 2 to 12 (first-layer weights and biases: `quantize.FINE_BITS`): for every tensor its step
               codes (uint8: one per output column where `quantize.column_steps`, else one), then for every
               tensor the spread of its symbols (a uint8 code), then the word
               count (uint32) and the symbols of all tensors, range-coded (uint32 words) under a zero-mean
               quantised Gaussian per tensor, or a uniform model where that is cheaper (spread code 0).
-              Decoding is exact: the symbols come back bit for bit.
+              Decoding is exact: the symbols come back bit for bit. In version 5 the symbols are residuals:
+              a weight is the prior's weight plus symbol x step.
     checksum  uint32   CRC-32 (zlib's) of every byte before it: magic, version, header and payload
 
 The level sizes are not stored: they follow from the width, height and stage count (`pyramid.level_sizes`).
@@ -55,12 +57,17 @@ import torch
 from .images import DEFAULT_MAX_PIXELS
 from .network import MODELS, Architecture, MRNet, StageSpec, snap_periodic
 from .pyramid import level_sizes
-from .quantize import code_to_value, column_steps, dequantise, max_symbol, quantise, tensor_bits, value_to_code
+from .prior import ID_BYTES
+from .quantize import (FINE_BITS, code_to_value, column_steps, dequantise, max_symbol, quantise, tensor_bits,
+                       value_to_code)
 
 MAGIC = b"\x89MRNET\r\n"
 VERSION = 4
+PRIOR_VERSION = 5  # version 4 plus the prior's id; weights are residuals from it
 UNCHECKED_VERSION = 3  # main's format: no checksum, still read (under the same bounds) so released files keep working
-BITS = (32, 16, 8, 7, 6, 5, 4, 3, 2)
+# 32 and 16: float weights; 12 to 2: quantised. Configs ask for 8 or fewer; rate control stores a model at 9 to 12
+# when its budget has room to spare (`rate.within_budget`).
+BITS = (32, 16, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2)
 MAX_PARAMS = 50_000_000  # 200 MB of float32: far beyond any MR-Net, small enough to refuse hostile headers
 # Header bounds, all far beyond any MR-Net this project fits (the papers' largest: 7 stages, widths 256, omega_0
 # up to a few hundred), checked before anything is allocated.
@@ -85,6 +92,11 @@ _MAX_HEADER_BYTES = len(MAGIC) + 4 + _HEAD.size + MAX_STAGES * (_STAGE.size + 2 
 # smaller: about 12 coded bits and at most one step byte per value), the header and the checksum. Reading refuses
 # a bigger file before reading it.
 MAX_FILE_BYTES = _MAX_HEADER_BYTES + 4 * MAX_PARAMS + _CHECKSUM.size
+
+
+def quantised(bits):
+    """Whether weights of `bits` are stored as entropy-coded integers (else as float32 or float16)."""
+    return bits <= FINE_BITS
 
 
 class ModelFileError(ValueError):
@@ -168,14 +180,16 @@ def _bounds_problem(model, channels, in_features, flags, omega_hidden, width, he
     return next((p for p in problems if p), None)
 
 
-def _header(arch, meta, bits):
+def _header(arch, meta, bits, prior_id=None):
     flags = int(arch.periodic) | 2 * (meta.get("border", "reflect") == "wrap")
-    out = [MAGIC, struct.pack("<I", VERSION),
+    out = [MAGIC, struct.pack("<I", VERSION if prior_id is None else PRIOR_VERSION),
            _HEAD.pack(ord(arch.model), arch.channels, arch.in_features, flags,
                       arch.omega_hidden, meta["width"], meta["height"], len(arch.stages))]
     for s in arch.stages:
         out.append(_STAGE.pack(s.first, len(s.hidden), s.omega_0) + struct.pack(f"<{len(s.hidden)}H", *s.hidden))
     out.append(struct.pack("<B", bits))
+    if prior_id is not None:
+        out.append(bytes.fromhex(prior_id))
     return b"".join(out)
 
 
@@ -190,15 +204,19 @@ def _meta(arch, width, height, border):
             "levels": [list(s) for s in sizes]}
 
 
-def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0):
+def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0, prior=None):
     """Serialise image `index` of a (batched) MRNet with weights at `bits` (32, 16, or 2 to 8: quantised).
 
     `coarser` (quantised only) raises the steps of the tensors at `bits` by that many codes (`quantize.quantise`).
+    With a `prior` (`prior.Prior`; quantised only) the weights are stored as residuals from its weights for this
+    architecture, and the file (version 5) names the prior.
     """
+    if prior is not None and not quantised(bits):
+        raise ValueError("weights coded against a prior are quantised: bits must be 8 or fewer")
     if bits not in BITS:
         raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, not {bits!r}")
     arch = model.arch
-    if bits <= 8 and arch.periodic:
+    if quantised(bits) and arch.periodic:
         raise ValueError("periodic models keep float weights (bits 32 or 16): their frequencies must stay integers")
     problem = _bounds_problem(arch.model, arch.channels, arch.in_features, 0, arch.omega_hidden, meta["width"],
                               meta["height"], arch.stages, bits)
@@ -209,13 +227,14 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0):
     expected = _meta(arch, meta["width"], meta["height"], meta.get("border", "reflect"))
     if [list(s) for s in meta["levels"]] != expected["levels"]:
         raise ValueError(f"meta levels {meta['levels']} do not follow from the size and stage count")
-    parts = [_header(arch, meta, bits)]
+    parts = [_header(arch, meta, bits, None if prior is None else prior.prior_id)]
     tensors = [(t[index : index + 1], tensor_bits(bits, j, is_weight)) for t, is_weight, j in _tensors(model)]
-    if bits > 8:
+    bases = [None] * len(tensors) if prior is None else [w.unsqueeze(0) for w in prior.initial(arch)]
+    if not quantised(bits):
         dtype = "<f4" if bits == 32 else "<f2"
         parts += [t[0].detach().cpu().numpy().astype(dtype).tobytes() for t, _ in tensors]
         return _seal(b"".join(parts))
-    codes, symbols = zip(*(quantise(t, b, coarser if b == bits else 0) for t, b in tensors))
+    codes, symbols = zip(*(quantise(t, b, coarser if b == bits else 0, base) for (t, b), base in zip(tensors, bases)))
     symbols = [s.cpu().numpy().ravel().astype(np.int32) for s in symbols]
     spreads = [_spread_code(s, b) for s, (_, b) in zip(symbols, tensors)]
     encoder = constriction.stream.queue.RangeEncoder()
@@ -233,9 +252,9 @@ def _check_envelope(data, fail):
     if len(data) < len(MAGIC) + 4 or bytes(data[: len(MAGIC)]) != MAGIC:
         raise fail("not an .mrnet model file (bad magic bytes)")
     (version,) = struct.unpack_from("<I", data, len(MAGIC))
-    if version not in (VERSION, UNCHECKED_VERSION):
+    if version not in (VERSION, PRIOR_VERSION, UNCHECKED_VERSION):
         raise fail(f"model file version {version} is not supported (this reader knows versions "
-                   f"{UNCHECKED_VERSION} and {VERSION})")
+                   f"{UNCHECKED_VERSION} to {PRIOR_VERSION})")
     if len(data) > MAX_FILE_BYTES:
         raise fail(f"{len(data):,} bytes is more than any model file holds ({MAX_FILE_BYTES:,})")
     if version == UNCHECKED_VERSION:
@@ -250,7 +269,9 @@ def _check_envelope(data, fail):
 
 
 def _read_header(data, end, fail):
-    """(architecture, meta, bits, payload offset) from a header that lies within data[:end] and within bounds."""
+    """(architecture, meta, bits, prior id or None, payload offset) from a header that lies within data[:end] and
+    within bounds."""
+    (version,) = struct.unpack_from("<I", data, len(MAGIC))
     offset = len(MAGIC) + 4
     try:
         model, channels, in_features, flags, omega_hidden, width, height, n = _HEAD.unpack_from(data, offset)
@@ -267,6 +288,10 @@ def _read_header(data, end, fail):
             stages.append(StageSpec(first, tuple(hidden), omega_0))
         (bits,) = struct.unpack_from("<B", data, offset)
         offset += 1
+        prior_id = None
+        if version == PRIOR_VERSION:
+            prior_id = bytes(data[offset : offset + ID_BYTES]).hex()
+            offset += ID_BYTES
     except struct.error:
         raise fail("header runs past the end of the file (truncated?)") from None
     if offset > end:
@@ -280,19 +305,21 @@ def _read_header(data, end, fail):
         raise fail(f"bad header: {e}") from None
     if arch.params() > MAX_PARAMS:
         raise fail(f"bad header: {arch.params():,} parameters is more than any MR-Net this reader accepts")
-    if bits <= 8 and arch.periodic:
+    if quantised(bits) and arch.periodic:
         raise fail("bad header: periodic models are stored with float weights")
+    if prior_id is not None and not quantised(bits):
+        raise fail("bad header: weights coded against a prior are quantised")
     try:
         meta = _meta(arch, width, height, "wrap" if flags & 2 else "reflect")
     except ValueError as e:  # too small for its stage count
         raise fail(f"bad header: {e}") from None
-    return arch, meta, bits, offset
+    return arch, meta, bits, prior_id, offset
 
 
-def _decode(payload, arch, bits, fail):
-    """The weights as float32 arrays, in payload order."""
+def _decode(payload, arch, bits, fail, bases=None):
+    """The weights as float32 arrays, in payload order; quantised ones added to `bases` (a prior's) if given."""
     shapes = list(_shapes(arch))
-    if bits > 8:
+    if not quantised(bits):
         itemsize = 4 if bits == 32 else 2
         if len(payload) != arch.params() * itemsize:
             raise fail(f"payload is {len(payload)} bytes but the architecture needs {arch.params() * itemsize} "
@@ -311,7 +338,8 @@ def _decode(payload, arch, bits, fail):
     spreads = np.frombuffer(payload, np.uint8, len(shapes), n_codes)
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(payload, "<u4", n_words, head).astype(np.uint32))
     values, at = [], 0
-    for (shape, is_weight, j), spread in zip(shapes, spreads.tolist()):
+    bases = bases or [None] * len(shapes)
+    for (shape, is_weight, j), spread, base in zip(shapes, spreads.tolist(), bases):
         n = math.prod(shape)
         try:
             symbols = _coder(tensor_bits(bits, j, is_weight), int(spread))[1](decoder, n)
@@ -319,21 +347,49 @@ def _decode(payload, arch, bits, fail):
             raise fail(f"weights do not decode: {e}") from None
         k = shape[-1] if column_steps(shape) else 1
         steps = codes[at : at + k].view(1, k) if column_steps(shape) else codes[at : at + 1]
-        values.append(dequantise(steps, torch.from_numpy(symbols.reshape(1, *shape)))[0].numpy())
+        base = None if base is None else base.unsqueeze(0)
+        values.append(dequantise(steps, torch.from_numpy(symbols.reshape(1, *shape)), base)[0].numpy())
         at += k
     return values
 
 
-def from_bytes(data: bytes, name="<bytes>"):
-    """Parse a model: (MRNet with batch 1, meta). Raises ModelFileError naming `name` and the problem."""
+def stored_weight_bits(data: bytes):
+    """The weight bits a (valid) model file stores."""
+    end = _check_envelope(data, lambda reason: ModelFileError(f"<bytes>: {reason}"))
+    return _read_header(data, end, lambda reason: ModelFileError(f"<bytes>: {reason}"))[2]
+
+
+def required_prior(data: bytes):
+    """The id of the prior a model file's weights are coded against, or None; ModelFileError if it is no model."""
+    def fail(reason):
+        return ModelFileError(f"<bytes>: {reason}")
+
+    end = _check_envelope(data, fail)
+    return _read_header(data, end, fail)[3]
+
+
+def from_bytes(data: bytes, name="<bytes>", prior=None):
+    """Parse a model: (MRNet with batch 1, meta). Raises ModelFileError naming `name` and the problem.
+
+    A file coded against a prior (version 5) needs that `prior` (`prior.Prior`): a missing or different one is an
+    error naming both ids, never a wrong image."""
     def fail(reason):
         return ModelFileError(f"{name}: {reason}")
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise fail(f"no model bytes (got {type(data).__name__})")
     end = _check_envelope(data, fail)
-    arch, meta, bits, offset = _read_header(data, end, fail)
-    values = _decode(memoryview(data)[offset:end], arch, bits, fail)
+    arch, meta, bits, needed, offset = _read_header(data, end, fail)
+    bases = None
+    if needed is not None:
+        if prior is None:
+            raise fail(f"its weights are coded against prior {needed}, and no prior was given (--prior FILE)")
+        if prior.prior_id != needed:
+            raise fail(f"its weights are coded against prior {needed}, not the given prior {prior.prior_id}")
+        if prior.rung(arch) is None:
+            raise fail(f"prior {needed} has no rung for its architecture")
+        bases = prior.initial(arch)
+    values = _decode(memoryview(data)[offset:end], arch, bits, fail, bases)
     if not all(np.isfinite(v).all() for v in values):
         raise fail("weights contain NaN or infinity")
     # Built without periodic first layers: the file's weights replace the initial draw, and drawing periodic

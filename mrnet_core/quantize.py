@@ -43,17 +43,30 @@ def column_steps(shape):
     return len(shape) == 2 and shape[0] >= COLUMN_FAN_IN
 
 
-def quantise(w, bits, coarser=0):
+def quantise(w, bits, coarser=0, base=None):
     """(step codes, symbols) of a batch of tensors [B, ...]: codes [B, fan_out] (`column_steps`) or [B].
 
     A step is the smallest code that keeps its peak in range, raised by `coarser` codes (each a factor 2^(1/8)):
     rate control's last, fine knob, which trades a little precision for bytes without fitting again.
+    With a `base` (a prior's weights, broadcast over the batch) the residual w - base is what is quantised, on the
+    steps the weights themselves would get (`_peak`): the same precision, in symbols near 0 that cost few bits.
     """
     w = w.detach().float()
-    peak = w.abs().amax(dim=1) if column_steps(w.shape[1:]) else w.abs().flatten(1).amax(dim=1)
+    peak = _peak(w, base)
+    if base is not None:
+        w = w - base.to(w.device)
     codes = (value_to_code(peak / max_symbol(bits)).int() + coarser).clamp(0, 255).to(torch.uint8)
     symbols = torch.round(w / _broadcast(code_to_value(codes), w)).clamp_(-max_symbol(bits), max_symbol(bits))
     return codes, symbols.to(torch.int32)
+
+
+def _peak(w, base=None):
+    """The largest magnitude per step ([B, fan_out] or [B]) of a batch of tensors: of w, or with a `base` of w and
+    of w - base, whichever is larger, so residual symbols stay in range."""
+    def peak(t):
+        return t.abs().amax(dim=1) if column_steps(t.shape[1:]) else t.abs().flatten(1).amax(dim=1)
+
+    return peak(w) if base is None else torch.maximum(peak(w), peak(w - base.to(w.device)))
 
 
 def _broadcast(step, like):
@@ -62,17 +75,19 @@ def _broadcast(step, like):
     return step.unsqueeze(1) if step.dim() == 2 else step.view(-1, *[1] * (like.dim() - 1))
 
 
-def dequantise(codes, symbols):
-    return symbols.float() * _broadcast(code_to_value(codes), symbols)
+def dequantise(codes, symbols, base=None):
+    values = symbols.float() * _broadcast(code_to_value(codes), symbols)
+    return values if base is None else values + base.to(values.device)
 
 
-def fake_quantise(w, bits):
+def fake_quantise(w, bits, base=None):
     """w rounded onto its quantisation grid in the forward pass, identity in the backward (straight-through).
 
-    The same values as dequantise(*quantise(w, bits)) in fewer operations (it runs on every tensor at every step
-    of fine-tuning): the steps are computed once, and the symbols stay floats (integers, exact in float32)."""
-    d = w.detach()
-    peak = d.abs().amax(dim=1) if column_steps(d.shape[1:]) else d.abs().flatten(1).amax(dim=1)
+    The same values as dequantise(*quantise(w, bits, base=base), base) in fewer operations (it runs on every tensor
+    at every step of fine-tuning): the steps are computed once, and the symbols stay floats (integers, exact in
+    float32)."""
+    peak = _peak(w.detach(), base)
+    d = w.detach() if base is None else w.detach() - base
     step = _broadcast(code_to_value(value_to_code(peak / max_symbol(bits))), d)
     q = torch.round(d / step).clamp_(-max_symbol(bits), max_symbol(bits)).mul_(step)
     return w + (q - d)
@@ -90,15 +105,17 @@ def tensor_bits(bits, layer, is_weight):
     return FINE_BITS if (layer == 0 or not is_weight) else bits
 
 
-def quantised_parameters(model, bits, fake=True, coarser=0):
+def quantised_parameters(model, bits, fake=True, coarser=0, base=None):
     """{name: quantised tensor} for every weight and bias of a batched MRNet (fake: with straight-through grads).
 
-    `coarser` raises the steps of the tensors at `bits` (not the FINE_BITS ones; see `quantise`)."""
+    `coarser` raises the steps of the tensors at `bits` (not the FINE_BITS ones; see `quantise`). `base` ({name:
+    [1, ...] tensor}, `prior.base_of`) quantises residuals from a prior instead of the weights themselves."""
     out = {}
     for name, p in model.named_parameters():
         is_weight, layer = ".weights." in name, int(name.rsplit(".", 1)[1])
-        b = tensor_bits(bits, layer, is_weight)
-        out[name] = fake_quantise(p, b) if fake else dequantise(*quantise(p, b, coarser if b == bits else 0))
+        b, origin = tensor_bits(bits, layer, is_weight), None if base is None else base[name]
+        out[name] = (fake_quantise(p, b, origin) if fake else
+                     dequantise(*quantise(p, b, coarser if b == bits else 0, origin), origin))
     return out
 
 
@@ -120,14 +137,15 @@ def level_outputs(model, weights, x, starts):
 
 
 def finetune(model, images, bits, epochs, lr=3e-4, batch_pixels=BATCH_PIXELS, levels=None, border="reflect", seed=0,
-             progress=None):
+             progress=None, base=None):
     """Quantisation-aware fine-tuning of a fitted batched MR-Net on images [B, C, H, W], in place.
 
     Every stage trains at once, through the quantiser, on every level: the loss is the sum over levels k of the
     mean squared error of f(x, k + 1) against Gaussian level k, so a coarse stage's rounding is repaired where
     all the finer levels see it. An epoch is one pass over the finest level's pixels in steps of `batch_pixels`
     random pixels per level. Losses are summed over images, and Adam is per-element, so each image trains as if
-    alone. The model is left holding float weights that quantise well; store them at the same `bits`.
+    alone. The model is left holding float weights that quantise well; store them at the same `bits` (and against
+    the same `base`, when the weights are coded as residuals from a prior: see `quantised_parameters`).
 
     A step evaluates each stage once, on the sampled pixels of all the levels it contributes to (k >= i), rather
     than once per level: the same loss in fewer, larger operations, since on a GPU their count bounds the speed.
@@ -163,13 +181,13 @@ def finetune(model, images, bits, epochs, lr=3e-4, batch_pixels=BATCH_PIXELS, le
                            else torch.arange(n) for n in sizes])
         index = (index + shift).to(device)
         x, y = coords[index].expand(b, -1, -1), targets[:, index]
-        out = level_outputs(model, quantised_parameters(model, bits), x, starts)
+        out = level_outputs(model, quantised_parameters(model, bits, base=base), x, starts)
         loss = ((out - y).square().sum(-1) * weight).sum()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        if progress and (step + 1) % 50 == 0:
+        if progress and ((step + 1) % 50 == 0 or step + 1 == steps):
             progress(step + 1, steps, loss.item() / b)
     model.requires_grad_(False)
     return model

@@ -13,6 +13,7 @@ import torch
 
 from .config import ConfigError, FitConfig
 from .modelfile import to_bytes
+from .quantize import FINE_BITS
 from .network import MRNet
 from .pyramid import level_sizes
 
@@ -45,16 +46,43 @@ def predicted_bytes(cfg: FitConfig, channels, height, width, bits):
     return fixed + math.ceil(FITTED_PAYLOAD * (fresh - fixed))
 
 
-def within_budget(model, meta, bits, index, budget):
-    """(model file, coarser) of image `index` of a fitted model: steps coarsened as little as fits `budget` bytes."""
+def storage_ladder(bits, finer):
+    """(bits, coarser) pairs from the finest storage to the coarsest, each step about 2^(1/8) coarser.
+
+    With `finer`, storage may also be up to FINE_BITS bits: one more bit halves the step, like 8 codes finer. A
+    prior's ladder of widths is discrete, so this is how an image fills the budget its rung leaves."""
+    top = [(b, c) for b in range(FINE_BITS, bits, -1) for c in range(8)] if finer else []
+    return top + [(bits, c) for c in range(MAX_COARSER + 1)]
+
+
+def within_budget(model, meta, bits, index, budget, prior=None, finer=False):
+    """(model file, coarser) of image `index` of a fitted model: stored as finely as fits `budget` bytes.
+
+    Steps are coarsened as little as fits, or with `finer` also stored at more bits than it was fitted at; the
+    finest fitting storage is found by bisection (sizes fall as storage coarsens). `coarser` is the position on
+    `storage_ladder`'s coarse part, negative when stored finer. Weights are residuals from `prior` if given."""
     if bits > 8:
         raise ValueError(f"a byte budget needs quantised weights (weight_bits 8 or fewer), not {bits}")
-    for coarser in range(MAX_COARSER + 1):
-        blob = to_bytes(model, meta, bits, index, coarser)
-        if len(blob) <= budget:
-            return blob, coarser
-    raise ValueError(f"the model takes {len(blob)} bytes even with its weights' steps 2^{MAX_COARSER // 8} times "
-                     f"coarser, over the budget of {budget}")
+    ladder = storage_ladder(bits, finer)
+    sizes = {}
+
+    def blob(k):
+        if k not in sizes:
+            stored_bits, coarser = ladder[k]
+            sizes[k] = to_bytes(model, meta, stored_bits, index, coarser, prior=prior)
+        return sizes[k]
+
+    lo, hi = 0, len(ladder) - 1
+    if len(blob(lo)) <= budget:
+        hi = lo
+    if len(blob(hi)) > budget:
+        raise ValueError(f"the model takes {len(blob(hi))} bytes even with its weights' steps 2^{MAX_COARSER // 8} "
+                         f"times coarser, over the budget of {budget}")
+    while lo < hi:  # the first k whose file fits
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(blob(mid)) <= budget else (mid + 1, hi)
+    stored_bits, coarser = ladder[lo]
+    return blob(lo), coarser - 8 * (stored_bits - bits)
 
 
 def largest_scale(cfg: FitConfig, channels, height, width, bits, budget):
@@ -75,25 +103,69 @@ def largest_scale(cfg: FitConfig, channels, height, width, bits, budget):
     return math.exp(lo)
 
 
-def encode_at_rate(images, cfg: FitConfig, encode_fixed, device=None, progress=None):
+def prior_rungs(cfg: FitConfig, prior):
+    """[(scale, config)] of the prior's rungs that cfg's family can use (same model, levels, hidden layers and band
+    limits), fewest parameters first; scale is the rung's finest first-layer width over cfg's."""
+    out = []
+    for arch in prior.architectures:
+        stages = arch.stages
+        if (arch.model != cfg.model or len(stages) != cfg.levels or arch.omega_hidden != cfg.omega_hidden
+                or any(len(s.hidden) != (cfg.hidden_layers if cfg.model != "s" else 0) for s in stages)
+                or [s.omega_0 for s in stages] != [float(o) for o in cfg.per_stage("omega_0")]):
+            continue
+        rung = replace(cfg, first=tuple(s.first for s in stages), hidden=tuple(s.hidden[0] for s in stages),
+                       target_bpp=0.0, target_psnr=0.0)
+        out.append((stages[-1].first / cfg.per_stage("first")[-1], rung))
+    return out
+
+
+def prior_predicted_bytes(cfg: FitConfig, prior, channels, height, width, bits):
+    """The stored size of an image fitted from `prior` at cfg's rung: the file of the prior's weights themselves
+    (header and side information; zero residuals cost almost nothing) plus the rung's measured bytes per
+    parameter, or 6 bits per parameter if the prior does not say."""
+    arch = cfg.architecture(channels)
+    meta = {"width": width, "height": height, "border": cfg.border,
+            "levels": [list(s) for s in level_sizes(height, width, levels=cfg.levels)[::-1]]}
+    fixed = len(to_bytes(prior.model(arch), meta, bits, prior=prior))
+    per_param = prior.bytes_per_param[prior.rung(arch)] if prior.bytes_per_param else 0.75
+    return fixed + math.ceil(per_param * arch.params())
+
+
+def encode_at_rate(images, cfg: FitConfig, encode_fixed, prior=None):
     """(records, blobs) like `encode.encode`, each image sized to cfg.target_bpp and/or cfg.target_psnr.
 
     `encode_fixed(images, cfg, budget)` encodes at one fixed config, each model file fitted into `budget` bytes by
     `within_budget` (passed in so this module does not import encode).
-    With a bpp target every image stays at or under it; with a PSNR target each image gets the smallest rung (of
-    PSNR_RUNGS width scales up to cfg's own widths, or up to the bpp cap if there is one) whose full-resolution
-    PSNR reaches it, or the largest rung when none does. Records say which: `rate` holds the scale, the targets
-    and whether they were met.
+    The widths come from a ladder of rungs: PSNR_RUNGS width scales of cfg's widths, or with a `prior` its rungs
+    (`prior_rungs`). With a bpp target every image stays at or under it, at the largest rung predicted to fit;
+    with a PSNR target each image gets the smallest rung (up to cfg's own widths, or up to the bpp cap if there
+    is one) whose full-resolution PSNR reaches it, or the largest rung when none does. Records say which: `rate`
+    holds the scale, the targets and whether they were met.
     """
     b, c, h, w = images.shape
     bits = cfg.weight_bits if cfg.weight_bits <= 8 else 8
     budget = math.floor(cfg.target_bpp * h * w / 8) if cfg.target_bpp else None
-    cap = largest_scale(cfg, c, h, w, bits, budget) if budget else 1.0  # a PSNR target alone: up to cfg's widths
     base = replace(cfg, weight_bits=bits)
+    if prior is None:
+        cap = largest_scale(cfg, c, h, w, bits, budget) if budget else 1.0  # a PSNR target alone: cfg's widths
+        ladder = [(s, scaled(base, s)) for s in
+                  (math.exp(math.log(MIN_SCALE) + (math.log(cap) - math.log(MIN_SCALE)) * k / (PSNR_RUNGS - 1))
+                   for k in range(PSNR_RUNGS))]
+    else:
+        ladder = prior_rungs(base, prior)
+        if not ladder:
+            raise ConfigError(f"prior: prior {prior.prior_id} has no rung for this config's model, levels and band "
+                              "limits")
+        if budget:  # the largest rung predicted to fit, and those below it (the smallest when none is)
+            fits = [prior_predicted_bytes(r, prior, c, h, w, bits) <= budget for _, r in ladder]
+            ladder = ladder[: max(1, sum(fits))]
+        elif cfg.target_psnr:  # a PSNR target alone: up to cfg's widths
+            ladder = [r for r in ladder if r[0] <= 1.0 + 1e-9] or ladder[:1]
 
-    def attempt(index, scale):
-        """Encode images[index] at `scale`, each model file within the budget."""
-        records, blobs = encode_fixed(images[index], scaled(base, scale), budget)
+    def attempt(index, rung):
+        """Encode images[index] at ladder[rung], each model file within the budget."""
+        scale, rung_cfg = ladder[rung]
+        records, blobs = encode_fixed(images[index], rung_cfg, budget)
         for r, blob in zip(records, blobs):
             r["rate"] = {"scale": round(scale, 4), "coarser": r.pop("coarser", None),
                          "target_bpp": cfg.target_bpp or None, "target_psnr": cfg.target_psnr or None,
@@ -102,9 +174,7 @@ def encode_at_rate(images, cfg: FitConfig, encode_fixed, device=None, progress=N
         return records, blobs
 
     if not cfg.target_psnr:
-        return attempt(torch.arange(b), cap)
-    scales = [math.exp(math.log(MIN_SCALE) + (math.log(cap) - math.log(MIN_SCALE)) * k / (PSNR_RUNGS - 1))
-              for k in range(PSNR_RUNGS)]
+        return attempt(torch.arange(b), len(ladder) - 1)
     best = [None] * b  # per image: (record, blob) of the smallest rung that met the target so far
 
     def search(index, lo, hi):
@@ -112,13 +182,13 @@ def encode_at_rate(images, cfg: FitConfig, encode_fixed, device=None, progress=N
         if lo > hi or len(index) == 0:
             return
         mid = (lo + hi) // 2
-        records, blobs = attempt(index, scales[mid])
+        records, blobs = attempt(index, mid)
         met = torch.tensor([r["rate"]["met"] for r in records])
         for i, j in enumerate(index.tolist()):
-            if met[i] or mid == len(scales) - 1:
+            if met[i] or mid == len(ladder) - 1:
                 best[j] = (records[i], blobs[i])
         search(index[met], lo, mid - 1)
         search(index[~met], mid + 1, hi)
 
-    search(torch.arange(b), 0, len(scales) - 1)
+    search(torch.arange(b), 0, len(ladder) - 1)
     return [r for r, _ in best], [blob for _, blob in best]

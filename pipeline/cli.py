@@ -1,5 +1,6 @@
 """The `mrnet` command: fit images to MR-Nets and render models."""
 import argparse
+import functools
 import json
 import math
 import os
@@ -12,14 +13,16 @@ import torch
 
 from mrnet_core import device as devices
 from mrnet_core import modelfile
+from mrnet_core import prior
 from mrnet_core.config import ConfigError
-from mrnet_core.encode import Failure, encode_in_batches
+from mrnet_core.encode import Failure, choose_prior, encode, encode_in_batches
 from mrnet_core.export import export_mips
 from mrnet_core.images import (DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageError, read_image, resize_long_side,
                                 save_image, save_png)
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
 from pipeline.lease import LeaseHeld
+from pipeline.prior_train import add_parser as add_prior_parser
 from pipeline.settings import FIT_FLAGS, resolve
 from pipeline.thumbnails import render_levels
 
@@ -86,7 +89,11 @@ def cmd_fit(args):
     for (c, h, w), items in groups.items():
         batch = torch.stack([image for _, _, image, _ in items])
         progress = Progress(f"{len(items)} image(s) {w}x{h}x{c}", cfg.levels)
-        outcomes = encode_in_batches(batch, cfg, device=args.device, progress=progress)
+        chosen = choose_prior(cfg, c)
+        if chosen is not None:  # kept beside the models, where render and export look for it
+            prior.save(out / "priors" / f"{chosen.prior_id}.mrprior", chosen)
+        outcomes = encode_in_batches(batch, cfg, device=args.device, progress=progress,
+                                     encode_fn=functools.partial(encode, prior=chosen))
         progress.done()
         for (path, stem, _, notes), outcome in zip(items, outcomes):
             if isinstance(outcome, Failure):  # e.g. too small for the requested levels, or out of memory alone
@@ -98,7 +105,7 @@ def cmd_fit(args):
             tmp = model_path.with_name(f".{model_path.name}.tmp")
             tmp.write_bytes(blob)
             os.replace(tmp, model_path)
-            for k, level in enumerate(render_levels(*modelfile.from_bytes(blob, str(model_path)))):
+            for k, level in enumerate(render_levels(*modelfile.from_bytes(blob, str(model_path), chosen))):
                 save_png(level, out / stem / f"level_{k}.png")
             full = record["levels"][-1]
             print(f"{path}: {record['params']} params, {record['bpp']:.2f} bpp, "
@@ -168,11 +175,19 @@ def _window(text):
     return window
 
 
+def _load_model(path, prior_path=None):
+    """(model, meta) of a model file; a prior it needs comes from --prior, the folder beside it or the default."""
+    from pipeline import priors
+
+    given = prior.load(prior_path) if prior_path else None
+    return priors.decode(modelfile.read_file(path), str(path), os.path.dirname(os.path.abspath(path)), given)
+
+
 def cmd_render(args):
     window = _window(args.domain) if args.domain else FULL_DOMAIN
     size = _pixel_size(args.size) if args.size else None
     out = _out_image(args.out)
-    model, meta = modelfile.load(args.model)
+    model, meta = _load_model(args.model, args.prior)
     if size:
         width, height = size
     else:  # the model's native sampling density over the window
@@ -194,7 +209,7 @@ def cmd_render(args):
 def cmd_export(args):
     sizes = [_pixel_size(args.size)] if args.size else None
     out = _out_folder(args.out)
-    model, meta = modelfile.load(args.model)
+    model, meta = _load_model(args.model, args.prior)
     manifest = export_mips(model, meta, out, sizes)
     seconds = sum(e["seconds"] for e in manifest["images"])
     print(f"wrote {len(manifest['images'])} image(s) and manifest.json to {out} in {seconds:.2f} s")
@@ -214,13 +229,14 @@ def cmd_export_collection(args):
     if "://" not in args.collection and not os.path.isdir(os.path.join(args.collection, "encodings")):
         raise FileNotFoundError(f"{args.collection}: no encodings there: not an `mrnet encode` output folder")
     table = store.read_table(args.collection, "encodings", ["image_id", "uri", "architecture", "weights"])
+    given = prior.load(args.prior) if args.prior else None
     count = skipped = 0
     for batch in table.to_batches(max_chunksize=64):
         for row in batch.to_pylist():
             try:
                 if not row_architecture(row).get("periodic"):
                     continue  # not a texture: its weights need not be decoded
-                model, meta = load_row(row)
+                model, meta = load_row(row, args.collection, given)
             except BadRow as e:
                 print(f"warning: export-collection: skipped the row of {row_label(row)}: {e}", file=sys.stderr)
                 skipped += 1
@@ -303,6 +319,8 @@ def build_parser():
     p.add_argument("--size", help="WxH (default: the model's own resolution over the window)")
     p.add_argument("--level", type=float, help="level of detail t in [0, N] (default: anti-aliased, from the size)")
     p.add_argument("--domain", help="window x0,y0,x1,y1 of the domain (default -1,-1,1,1); may lie outside it")
+    p.add_argument("--prior", help="the .mrprior file the weights were coded against (default: priors/ beside "
+                                    "the model, or the shipped prior)")
     p.set_defaults(run=cmd_render)
 
     p = sub.add_parser("export", help="texture assets: the mip chain, or one render of any size")
@@ -311,10 +329,14 @@ def build_parser():
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--mips", action="store_true", help="every size halving down to 1 px, each anti-aliased")
     what.add_argument("--size", help="WxH: one render of this size instead")
+    p.add_argument("--prior", help="the .mrprior file the weights were coded against (default: priors/ beside "
+                                    "the model, or the shipped prior)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("export-collection", help="mip chains of every texture model in an encode job's output")
     p.add_argument("collection", metavar="OUT", help="the output folder of `mrnet encode`")
+    p.add_argument("--prior", help="the .mrprior file the weights were coded against (default: OUT's copy, or the "
+                                    "shipped prior)")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(run=cmd_export_collection)
 
@@ -354,6 +376,8 @@ def build_parser():
     p.add_argument("--config-id", help="which config's encodings (default: the last run's)")
     p.add_argument("--workers", type=int, help="Ray actors of one CPU each (default: every CPU of the cluster)")
     p.set_defaults(run=cmd_render_collection)
+
+    add_prior_parser(sub)
     return parser
 
 
@@ -375,7 +399,7 @@ def main(argv=None):
         # device, or another job holding OUT
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ImageError, modelfile.ModelFileError, OSError) as e:  # input that cannot be used, or a failed write
+    except (ImageError, modelfile.ModelFileError, prior.PriorError, OSError) as e:  # unusable input, a failed write
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -32,7 +32,7 @@ from PIL import Image
 from mrnet_core import modelfile
 from mrnet_core.images import png_bytes
 
-from . import store
+from . import priors, store
 from .compare import CURVES, IMAGES, compare
 from .sources import filesystem
 from .thumbnails import GAP, write_thumbnails
@@ -86,11 +86,14 @@ def row_architecture(row):
     return architecture
 
 
-def load_row(row):
-    """(model, meta) of an encodings row whose image_id, architecture and weights are sound; BadRow otherwise."""
+def load_row(row, out=None, prior=None):
+    """(model, meta) of an encodings row whose image_id, architecture and weights are sound; BadRow otherwise.
+
+    Weights coded against a prior are decoded with it: `prior` if given, else OUT's copy or the default one
+    (`priors.find`)."""
     row_architecture(row)
     try:
-        return modelfile.from_bytes(row.get("weights"), "weights")
+        return priors.decode(row.get("weights"), "weights", out, prior)
     except modelfile.ModelFileError as e:
         raise BadRow(str(e)) from None
 
@@ -172,7 +175,7 @@ class Comparer:
             if self.skipped(row):
                 continue
             try:
-                model, meta = load_row(row)
+                model, meta = load_row(row, self.out)
                 problem = _figures_problem(row, meta)
                 if problem:
                     raise BadRow(problem)

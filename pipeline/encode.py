@@ -31,12 +31,15 @@ import torch
 
 from mrnet_core import device as devices
 from mrnet_core.config import ConfigError
-from mrnet_core.encode import Failure, encode, encode_in_batches
+from mrnet_core import prior as priors
+from mrnet_core.encode import Failure, choose_prior, encode, encode_in_batches
 from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_long_side
 from mrnet_core.pyramid import level_sizes
 
 from . import store
 from .lease import LeaseLost, held
+from .priors import keep as keep_prior
+from .priors import path_in as priors_path
 from .settings import resolve
 from .sources import filesystem, list_images, read_bytes
 
@@ -100,9 +103,11 @@ class Encoder:
     fresh CUDA context) and retries the batch; no image is marked failed for it.
     """
 
-    def __init__(self, cfg, cfg_id, out, threads, encode_fn=encode):
+    def __init__(self, cfg, cfg_id, out, threads, encode_fn=encode, prior_bytes=None):
         torch.set_num_threads(threads)
         self.cfg, self.cfg_id, self.out, self.encode_fn = cfg, cfg_id, out, encode_fn
+        if prior_bytes is not None:  # every image starts from the job's prior
+            self.encode_fn = functools.partial(encode_fn, prior=priors.from_bytes(prior_bytes, "the job's prior"))
         self.device = "cpu"
         node = ray.get_runtime_context().get_node_id()[:12]
         if ray.get_gpu_ids():
@@ -134,6 +139,7 @@ class Encoder:
                 "image_id": item["image_id"], "uri": item["uri"], "config_id": self.cfg_id,
                 "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": rec["architecture"],
                 "weights": blob, "params": rec["params"], "weight_bits": rec["weight_bits"],
+                "prior_id": rec.get("prior_id"),
                 "width_scale": rec.get("rate", {}).get("scale"), "target_met": rec.get("rate", {}).get("met"),
                 "step_coarsening": rec.get("rate", {}).get("coarser"),
                 "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
@@ -257,16 +263,21 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     stops the job. `encode_fn` is what the actors fit each batch with (`mrnet_core.encode.encode`; tests inject
     failures here)."""
     start = time.perf_counter()
-    cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT})
+    prior = choose_prior(cfg)
+    cfg_id = store.config_id({"fit": cfg.to_dict(), "size": size, "format": FORMAT,
+                              **({"prior_id": prior.prior_id} if prior else {})})
     num_gpus, actors, threads = plan_resources(num_gpus, num_cpus, actors)
     store.remove_temporaries(out)
+    if prior is not None:
+        keep_prior(out, prior)  # before any row needs it
     for stray in stray_files(out):
         log(f"encode: warning: {stray['file']}: {stray['reason']}; skipped (move it out of OUT)")
     listing = store.join(out, "_listing", cfg_id)
     listed = write_listing(list_images(source), listing)
     done, failed = store.done_keys(out, cfg_id)
     log(f"encode: {listed} image(s) listed from {source}; {len(done)} encoded and {len(failed)} failed before under "
-        f"config {cfg_id}; {actors} actor(s), {num_gpus} GPU, {num_cpus} CPU and {threads} torch thread(s) each")
+        f"config {cfg_id}; {actors} actor(s), {num_gpus} GPU, {num_cpus} CPU and {threads} torch thread(s) each; "
+        + (f"prior {prior.prior_id}" if prior else "no prior"))
     totals = dict.fromkeys(["done", "failed", "deferred", "skipped", "bytes_in", "bytes_out"], 0)
     if listed:
         keys_ref = [ray.put((done, failed))]  # in a list so Ray passes the reference, not the arrays, to tasks
@@ -278,7 +289,8 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
                             num_gpus=num_gpus, num_cpus=num_cpus,  # Ray Data restarts dead actors, retries calls
                             fn_constructor_kwargs={"cfg": cfg, "cfg_id": cfg_id, "out": out,
-                                                   "threads": threads, "encode_fn": encode_fn})
+                                                   "threads": threads, "encode_fn": encode_fn,
+                                                   "prior_bytes": prior.data if prior else None})
         last = 0.0
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if lease_lost is not None and lease_lost.is_set():
@@ -297,7 +309,8 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
         fs.delete_dir(path.rsplit("/", 1)[0])
     seconds = time.perf_counter() - start
     summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
-               "images_per_second": round(totals["done"] / seconds, 3)}
+               "images_per_second": round(totals["done"] / seconds, 3),
+               "prior_id": prior.prior_id if prior else None, "prior_bytes": len(prior.data) if prior else 0}
     store.ensure_tables(out)
     write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log)
     if totals["deferred"]:
@@ -327,7 +340,10 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log=print):
         log(f"encode: warning: {e}; kept as {aside}, and a new manifest written (configs of earlier runs not in "
             f"this one are missing from it)")
         manifest = {}
-    manifest.setdefault("configs", {})[cfg_id] = {"fit": cfg.to_dict(), "size": size, "format": FORMAT}
+    manifest.setdefault("configs", {})[cfg_id] = {"fit": cfg.to_dict(), "size": size, "format": FORMAT,
+                                                  "prior_id": summary.get("prior_id")}
+    if summary.get("prior_id"):
+        manifest.setdefault("priors", {})[summary["prior_id"]] = priors_path(summary["prior_id"])
     counts = {}
     for folder, name in (("encodings", "encoded"), ("failures", "failed")):
         dataset = store.dataset(out, folder)

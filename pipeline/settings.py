@@ -10,7 +10,9 @@ from mrnet_core.images import DEFAULT_MAX_PIXELS
 # Fit keys that also have flags, on both `fit` and `encode`: compact weights and rate control.
 FIT_FLAGS = [("--weight-bits", int, "store weights at 32, 16 (float) or 2-8 bits (quantised, entropy-coded)"),
              ("--target-bpp", float, "size each model to at most this many stored bits per pixel"),
-             ("--target-psnr", float, "the smallest model reaching this full-resolution PSNR (dB)")]
+             ("--target-psnr", float, "the smallest model reaching this full-resolution PSNR (dB)"),
+             ("--prior", str, "where each image starts: auto (default: the shipped prior for quantised encodes), "
+                              "none, default, or a .mrprior file from `mrnet prior train`")]
 
 
 def fit_overrides(args, overrides):

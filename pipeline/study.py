@@ -10,13 +10,15 @@ The grid file (TOML or JSON):
 
 Each config is encoded into OUT/configs/<name>/ exactly as `mrnet encode` would (Parquet, thumbnails, comparison
 with JPEG/WebP/AVIF at the same bytes, report.html), so reruns skip what is done. The study adds OUT/study.parquet
-(one row per config and image), OUT/study.html (the rate-distortion plot and table over all configs) and, in
-MLflow, one parent run with a nested run per config.
+(one row per config and image), OUT/study_bd.parquet (Bjøntegaard deltas of each variant's curve against each
+codec, see `bd_table`), OUT/study.html (the rate-distortion plot and tables over all configs) and, in MLflow, one
+parent run with a nested run per config.
 """
 import io
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import tomllib
@@ -28,12 +30,23 @@ import pyarrow.parquet as pq
 from mrnet_core.config import ConfigError, make_config
 
 from . import store, track
+from .bjontegaard import bd_psnr, bd_rate
 from .settings import check_job
 from .compare import CODECS, CURVES, IMAGES
 from .report import CHECK_SCRIPT, NAMES, STYLE, data_uri, esc, fmt, svg_plot
 
 PALETTE = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f", "#393b79", "#637939"]
 CODEC_COLORS = {"jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
+# A config's name is its variant's then "-key=value" per grid key (read_grid). A rate key's value runs up to the
+# next "-key=" or the end: a value may hold a "-" itself (1e-05).
+RATE_PART = re.compile(r"-target_(?:bpp|psnr)=.*?(?=-[^-=]*=|$)")
+BD = pa.schema([
+    ("variant", pa.string()), ("codec", pa.string()),
+    ("rates", pa.int32()),  # configs on the variant's curve
+    ("images", pa.int32()),  # images with an MR-Net row in any of them
+    ("bd_rate", pa.float64()), ("bd_rate_images", pa.int32()),  # mean over the images where it is defined
+    ("bd_psnr", pa.float64()), ("bd_psnr_images", pa.int32()),
+])
 
 
 def read_grid(path):
@@ -122,6 +135,63 @@ def summary_table(rows, configs):
     return out
 
 
+def curve_of(name):
+    """The rate-distortion curve a config is a point of: its name without its target_bpp/target_psnr parts.
+
+    Not the [[config]] variant: a variant whose grid also sweeps other keys (levels = [1, 2]) has one curve per
+    combination of those, and only configs that differ in rate alone lie on one curve."""
+    return RATE_PART.sub("", name)
+
+
+def codec_curves(out, names):
+    """{(image_id, codec): [(bpp, PSNR)]}: the comparison's per-image codec curves (each config's folder has its
+    images'; the curve of an image is the same in every folder, so the first found serves)."""
+    found = {}
+    for name in names:
+        folder = folder_of(out, name)
+        cfg_id = store.read_manifest(folder).get("last_run", {}).get("config_id")
+        if not cfg_id:
+            continue
+        mine = {}
+        for r in store.read_table(folder, "comparison/curves", ["image_id", "codec", "bpp", "psnr"],
+                                  pads.field("config_id") == cfg_id, CURVES).to_pylist():
+            mine.setdefault((r["image_id"], r["codec"]), []).append((r["bpp"], r["psnr"]))
+        for k, points in mine.items():
+            found.setdefault(k, points)
+    return found
+
+
+def bd_table(out, rows, configs):
+    """BD rows: per curve of at least 2 rates (see `curve_of`) and per codec, the Bjøntegaard deltas of the MR-Net
+    (test) against the codec (anchor), computed per image and averaged over the images where they are defined.
+
+    An image's MR-Net curve is its (bpp, full-resolution PSNR) in each config of the curve; its codec curve is the
+    comparison's (the LADDER qualities). A delta is undefined where the MR-Net has fewer than 2 points for the
+    image or where the two curves do not overlap (often so for BD-rate: the codecs reach PSNRs the MR-Net does not).
+    """
+    curves = {}
+    for name, _, _ in configs:
+        curves.setdefault(curve_of(name), []).append(name)
+    table = []
+    for variant, names in curves.items():
+        if len(names) < 2:
+            continue  # one rate: a point, not a curve
+        mrnet = {}
+        for r in rows:
+            if r["config"] in names and r["psnr"]:
+                mrnet.setdefault(r["image_id"], []).append((r["bpp"], r["psnr"][-1]))
+        anchors = codec_curves(out, names)
+        for codec in CODECS:
+            entry = {"variant": variant, "codec": codec, "rates": len(names), "images": len(mrnet)}
+            for metric, delta in (("bd_rate", bd_rate), ("bd_psnr", bd_psnr)):
+                values = [delta(anchors.get((i, codec), []), points) for i, points in mrnet.items()]
+                values = [v for v in values if v is not None]
+                entry[metric] = statistics.fmean(values) if values else None
+                entry[f"{metric}_images"] = len(values)
+            table.append(entry)
+    return table
+
+
 def rd_svg(table, curves):
     """Each variant's mean (bpp, PSNR) at each of its rates as one line, beside each codec's mean curve."""
     series = []
@@ -160,13 +230,38 @@ def html_table(table):
     return "<table>" + head + "".join(body) + "</table>"
 
 
+def html_bd(bd):
+    """One row per curve, for each codec its BD-rate and BD-PSNR with the images they are averaged over."""
+    if not bd:
+        return '<p class="muted">no variant has 2 or more rates</p>'
+    head = ("<tr><th>variant</th><th>rates</th><th>images</th>"
+            + "".join(f"<th>vs {NAMES[c]}: BD-rate %</th><th>BD-PSNR dB</th>" for c in CODECS) + "</tr>")
+    body = []
+    for variant in dict.fromkeys(e["variant"] for e in bd):
+        mine = {e["codec"]: e for e in bd if e["variant"] == variant}
+        first = next(iter(mine.values()))
+        cells = [f'<td class="l">{esc(variant)}</td><td>{first["rates"]}</td><td>{first["images"]}</td>']
+        for c in CODECS:
+            for metric, better in (("bd_rate", lambda v: v < 0), ("bd_psnr", lambda v: v > 0)):
+                v, n = mine[c][metric], mine[c][f"{metric}_images"]
+                cls = "" if v is None else (' class="win"' if better(v) else ' class="lose"')
+                cells.append(f'<td{cls}>{fmt(v)} <span class="muted">({n})</span></td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return "<table>" + head + "".join(body) + "</table>"
+
+
 def write_study(out, configs):
-    """OUT/study.parquet, OUT/study.html and OUT/study/rate_distortion.svg; the summary table."""
+    """OUT/study.parquet, OUT/study_bd.parquet, OUT/study.html and OUT/study/rate_distortion.svg; the summary
+    table and the BD table."""
     rows = study_rows(out, configs)
     if rows:
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buffer)
         store.write_bytes(out, "study.parquet", buffer.getvalue())
+    bd = bd_table(out, rows, configs)
+    buffer = io.BytesIO()  # written even when empty, so that readers find its columns
+    pq.write_table(pa.Table.from_pylist(bd, schema=BD), buffer)
+    store.write_bytes(out, "study_bd.parquet", buffer.getvalue())
     # The codecs' curves are of the same images whatever the config: the first config's serve for all.
     curves = store.read_table(folder_of(out, configs[0][0]), "comparison/curves", schema=CURVES).to_pylist() \
         if configs else []
@@ -186,13 +281,20 @@ budget is below a codec's smallest file is left out of that codec's mean. Green:
 codec's. Each config's own report is configs/&lt;name&gt;/report.html.</p>
 <h2>Configs</h2>
 {html_table(table)}
+<h2>Bjøntegaard deltas against the codecs</h2>
+<p class="muted">Per variant (the configs whose names differ only in target_bpp / target_psnr) and image: the
+MR-Net's points at its rates against the codec's curve (qualities 10-100), each interpolated by a monotone cubic in
+log rate and integrated over the range both cover. BD-rate: the MR-Net's average rate change at equal PSNR
+(negative: fewer bytes); BD-PSNR: its average dB above the codec at equal rate. Means over the images where the
+curves overlap, their count in brackets. Green: the MR-Net is better.</p>
+{html_bd(bd)}
 <h2>Settings</h2>
 <pre>{esc(json.dumps({name: cfg.to_dict() for name, _, cfg in configs}, indent=1))}</pre>
 {CHECK_SCRIPT}
 </body></html>
 """
     store.write_bytes(out, "study.html", page.encode())
-    return table
+    return table, bd
 
 
 def cmd_study(args):
@@ -238,34 +340,43 @@ def sweep(args, configs, job, out, log):
         summary["mlflow"] = track.finish(child, folder, summary, cfg, job, versions(), log)
         parent["seconds_left"] = child["seconds_left"]  # one deadline for the study: its configs' calls count
         results[name] = {k: summary[k] for k in ("config_id", "done", "failed", "skipped", "seconds")}
-    table = write_study(out, configs)
-    finish_parent(parent, out, table, log)
+    table, bd = write_study(out, configs)
+    finish_parent(parent, out, table, bd, log)
     for e in table:
         log(f"study: {e['config']}: {e['bpp']:.3f} bpp, {e['psnr'][-1]:.2f} dB (levels "
             f"{' / '.join(f'{p:.2f}' for p in e['psnr'])}); JPEG {fmt(e['jpeg'])}, WebP {fmt(e['webp'])}, "
             f"AVIF {fmt(e['avif'])} dB at the same bytes; "
             f"MR-Net >= JPEG on {e['beats_jpeg']}/{e['images'] - e['jpeg_missing']}"
             + (f" ({e['jpeg_missing']} below JPEG's smallest file)" if e["jpeg_missing"] else ""))
+    for e in bd:
+        log(f"study: {e['variant']} vs {NAMES[e['codec']]}: BD-rate {fmt(e['bd_rate'])}% ({e['bd_rate_images']} of "
+            f"{e['images']} images), BD-PSNR {fmt(e['bd_psnr'])} dB ({e['bd_psnr_images']})")
     print(json.dumps({"out": out, "configs": results, "study": os.path.join(out, "study.html"),
                       "mlflow": {k: parent.get(k) for k in ("experiment", "tracking_uri", "run_id", "error")}}))
     return 0
 
 
-def finish_parent(parent, out, table, log):
-    """The study's run: per config its mean bpp and PSNR as metrics, and the study's page and table."""
+def finish_parent(parent, out, table, bd, log):
+    """The study's run: per config its mean bpp and PSNR, per variant and codec its mean BD-rate and BD-PSNR where
+    defined, as metrics; and the study's page and tables."""
     if parent["run_id"] is None:
         return
+
+    def key_of(name):
+        return "".join(c if c.isalnum() or c in "-_./ " else "_" for c in name)
 
     def log_all():
         from mlflow.entities import Metric
         client = track.client_for(out)
         metrics = []
         for e in table:
-            key = "".join(c if c.isalnum() or c in "-_./ " else "_" for c in e["config"])
+            key = key_of(e["config"])
             metrics += [Metric(f"{key}/bpp", e["bpp"], 0, 0), Metric(f"{key}/psnr", e["psnr"][-1], 0, 0)]
+        metrics += [Metric(f"{m}/{key_of(e['variant'])}/{e['codec']}", e[m], 0, 0)
+                    for e in bd for m in ("bd_rate", "bd_psnr") if e[m] is not None]
         for start in range(0, len(metrics), 1000):
             client.log_batch(parent["run_id"], metrics=metrics[start : start + 1000])
-        for path in ("study.html", "study.parquet", "study/rate_distortion.svg"):
+        for path in ("study.html", "study.parquet", "study_bd.parquet", "study/rate_distortion.svg"):
             if os.path.exists(os.path.join(out, path)):
                 client.log_artifact(parent["run_id"], os.path.join(out, path), os.path.dirname(path) or None)
         client.set_terminated(parent["run_id"], "FINISHED")

@@ -164,8 +164,8 @@ def aggregates(out, cfg_id, summary):
          "images/listed": summary["listed"], "images_per_second": summary["images_per_second"],
          "seconds": summary["seconds"], "bytes_in": summary["bytes_in"], "bytes_out": summary["bytes_out"]}
     is_config = pads.field("config_id") == cfg_id
-    rows = store.read_table(out, "encodings", ["psnr", "ssim", "bpp", "raw_bytes", "file_bytes", "model_bytes"],
-                            is_config).to_pydict()
+    rows = store.read_table(out, "encodings", ["psnr", "ssim", "bpp", "raw_bytes", "file_bytes", "model_bytes",
+                                               "width", "height"], is_config).to_pydict()
     m["images/encoded_total"] = len(rows["bpp"])
     for key in ("psnr", "ssim"):
         levels = max((len(v) for v in rows[key]), default=0)
@@ -178,6 +178,10 @@ def aggregates(out, cfg_id, summary):
         m.update({"bpp/mean": np.mean(rows["bpp"]), "bpp/median": np.median(rows["bpp"]),
                   "compression_ratio/raw": np.sum(rows["raw_bytes"]) / model.sum(),
                   "compression_ratio/file": np.sum(rows["file_bytes"]) / model.sum()})
+        # Honest bytes: the prior every image needs, shared by the config's images, as a second figure.
+        pixels = float(np.dot(rows["width"], rows["height"]))
+        m["bpp_with_prior"] = 8 * (model.sum() + summary.get("prior_bytes", 0)) / pixels
+        m["prior_bytes"] = summary.get("prior_bytes", 0)
     from .compare import CODECS, IMAGES
     columns = [f"{c}_{k}" for c in CODECS for k in ("psnr", "bpp")]  # only what the means need
     compared = store.read_table(out, "comparison/images", columns, is_config, IMAGES).to_pydict()

@@ -1,12 +1,13 @@
 """`mrnet study`: a grid of configs through the real pipeline, nested MLflow runs, and the study's table."""
 import json
+import math
 import shutil
 
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.study import read_grid
+from pipeline.study import curve_of, read_grid
 
 GRID = """
 [job]
@@ -43,6 +44,12 @@ def test_grid_crosses_variants_with_grid_points_and_rejects_bad_keys(tmp_path):
             read_grid(path)
 
 
+def test_a_curve_is_the_configs_that_differ_only_in_rate():
+    assert curve_of("mnet-target_bpp=3.0") == curve_of("mnet-target_bpp=8") == "mnet"
+    assert curve_of("mnet-levels=2-target_psnr=30-target_bpp=1e-05") == "mnet-levels=2"
+    assert curve_of("a-b-target_bpp=1e-05-levels=1") == "a-b-levels=1" != curve_of("a-b-target_bpp=2-levels=2")
+
+
 def test_study_runs_every_config_through_the_pipeline_and_nests_its_runs(tmp_path, samples, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     src, out = tmp_path / "src", tmp_path / "out"
@@ -65,6 +72,13 @@ def test_study_runs_every_config_through_the_pipeline_and_nests_its_runs(tmp_pat
                                          for e in encoded)
     html = (out / "study.html").read_text()
     assert "config0-target_bpp=3.0" in html and "<svg" not in html  # the plot is an embedded data URI
+    # Bjøntegaard deltas of the variant's two rates against each codec's curve, per image, then averaged.
+    bd = pq.read_table(out / "study_bd.parquet").to_pylist()
+    assert [(e["variant"], e["codec"], e["rates"], e["images"]) for e in bd] == [
+        ("config0", c, 2, 2) for c in ("jpeg", "webp", "avif")]
+    assert any(e["bd_psnr_images"] > 0 for e in bd) and all(
+        math.isfinite(e[m]) for e in bd for m in ("bd_rate", "bd_psnr") if e[f"{m}_images"])
+    assert "Bjøntegaard deltas" in html
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
@@ -73,6 +87,8 @@ def test_study_runs_every_config_through_the_pipeline_and_nests_its_runs(tmp_pat
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary["mlflow"]["run_id"]]
     assert len(parent) == 1 and parent[0].info.run_id == summary["mlflow"]["run_id"] and len(children) == 2
     assert parent[0].info.status == "FINISHED" and "config0-target_bpp_8.0/psnr" in parent[0].data.metrics
+    assert {f"{m}/config0/{e['codec']}" for e in bd for m in ("bd_rate", "bd_psnr") if e[f"{m}_images"]} == {
+        k for k in parent[0].data.metrics if k.startswith("bd_")}
     assert all(c.info.status == "FINISHED" and "psnr/level_1/mean" in c.data.metrics for c in children)
     assert {c.data.params["fit.target_bpp"] for c in children} == {"3.0", "8.0"}
 
