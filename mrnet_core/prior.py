@@ -111,12 +111,9 @@ def _parameters(model):
 
 def base_of(model: MRNet, prior: Prior):
     """{parameter name: [1, ...] tensor} of the prior's weights for `model`'s architecture, to quantise against."""
-    names = [n for n, _ in model.named_parameters()]
-    order = {id(p): n for n, p in model.named_parameters()}
-    weights = prior.initial(model.arch)
+    names = {id(p): n for n, p in model.named_parameters()}
     device = next(model.parameters()).device
-    by_name = {order[id(p)]: w.unsqueeze(0).to(device) for p, w in zip(_parameters(model), weights)}
-    return {n: by_name[n] for n in names}
+    return {names[id(p)]: w.unsqueeze(0).to(device) for p, w in zip(_parameters(model), prior.initial(model.arch))}
 
 
 def from_model(model: MRNet, fit=None, training=None, bytes_per_param=None):

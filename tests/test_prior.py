@@ -15,6 +15,7 @@ from mrnet_core.network import MRNet
 from mrnet_core.quantize import dequantise, quantise
 from mrnet_core.rate import scaled
 from mrnet_core.render import render
+from test_pipeline import synthetic
 
 FIT = {"epochs": 2, "lr": 3e-3, "batch_pixels": 256}
 SCALES = (0.5, 0.59, 0.71, 0.84, 1.0)  # 2^(1/4) apart, as `mrnet prior train` makes them
@@ -171,20 +172,6 @@ def test_rate_control_from_a_prior_fills_the_budget_and_never_exceeds_it(measure
         modelfile.from_bytes(blob, "x", prior)
 
 
-def synthetic_photos(folder, n, size=64, seed=0):
-    """n distinct smooth RGB images as PNG files."""
-    import numpy as np
-    from PIL import Image
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    for i in range(n):
-        f = rng.uniform(1, 3, 3)
-        a = np.stack([np.sin(6.28 * (f[c] * x + (c + i) * y)) for c in range(3)], -1) * 0.4 + 0.5
-        Image.fromarray((a * 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
-    return folder
-
-
 @pytest.mark.usefixtures("local_ray")
 def test_rows_encoded_from_a_prior_render_from_parquet_with_the_copy_in_out(tmp_path, measured_prior):
     from pipeline import store
@@ -196,7 +183,7 @@ def test_rows_encoded_from_a_prior_render_from_parquet_with_the_copy_in_out(tmp_
     priors.save(path, prior)
     cfg = make_config("fast", {"target_bpp": 4.0, "prior": str(path)})
     out = tmp_path / "out"
-    summary = run(str(synthetic_photos(tmp_path / "in", 2)), str(out), cfg, size=64)
+    summary = run(str(synthetic(tmp_path / "in", 2, size=64)), str(out), cfg, size=64)
     assert summary["done"] == 2 and summary["prior_id"] == prior.prior_id
     assert (out / "priors" / f"{prior.prior_id}.mrprior").read_bytes() == path.read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -228,7 +215,7 @@ def test_a_killed_prior_train_resumes_from_its_checkpoint(tmp_path):
     import subprocess
     import sys
     import time
-    images = synthetic_photos(tmp_path / "in", 3, size=48)
+    images = synthetic(tmp_path / "in", 3, size=48)
     out = tmp_path / "prior"
     command = [sys.executable, "-m", "pipeline.cli", "prior", "train", str(images), "--out", str(out), "--size", "32",
                "--scales", "0.5,0.6,0.7", "--steps", "10", "--crops", "2", "--batch", "2", "--epochs", "1",
