@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import pyarrow.fs as pafs
 
-from .sources import filesystem
+from .sources import filesystem, read_object
 
 TTL = 60.0  # seconds a lease lasts without a heartbeat
 HEARTBEAT = 10.0
@@ -66,8 +66,7 @@ def _holder_gone(lease):
 def _read(fs, path):
     """The lease at path, or None when there is none. A file that is not a lease expires TTL after it was written."""
     try:
-        with fs.open_input_stream(path) as f:
-            data = f.read()
+        data = read_object(fs, path)
     except FileNotFoundError:
         return None
     try:
@@ -116,8 +115,7 @@ def _create(fs, path, data, settle=SETTLE):
         f.write(data)
     time.sleep(settle)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read() == data
+        return read_object(fs, path) == data
     except FileNotFoundError:
         return False
 

@@ -26,8 +26,12 @@ def keep(out, prior):
 def _from_out(out, prior_id):
     """OUT's copy of prior `prior_id`, or None when OUT has none."""
     name = path_in(prior_id)
-    if not store.exists(out, name):
+    size = store.file_size(out, name)
+    if size is None:
         return None
+    if size > priors.MAX_FILE_BYTES:  # checked before reading: a planted file could be any size
+        raise priors.PriorError(f"{store.join(out, name)}: {size:,} bytes is more than any prior holds "
+                                f"({priors.MAX_FILE_BYTES:,})")
     found = priors.from_bytes(store.read_bytes(out, name), store.join(out, name))
     if found.prior_id != prior_id:
         raise priors.PriorError(f"{store.join(out, name)}: holds prior {found.prior_id}, not {prior_id}")

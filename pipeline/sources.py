@@ -4,6 +4,7 @@ import glob
 import io
 import os
 import stat
+import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -88,6 +89,22 @@ def _lines(uri):
                 yield line
 
 
+def read_object(fs, path, attempts=4, wait=0.25):
+    """The whole file at path on fs. An object store's read that breaks off (a reset connection, a truncated
+    response) is tried again, up to `attempts` times with doubling waits: a scheduled job should not fail on one
+    dropped connection. Missing files and refusals are not retried; nor is anything on a local disk."""
+    for attempt in range(attempts):
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError:
+            if isinstance(fs, pafs.LocalFileSystem) or attempt == attempts - 1:
+                raise
+        time.sleep(wait * 2 ** attempt)
+
+
 def list_images(source):
     """Every image URI the source names, as a stream: a text file of URIs (.txt/.lst), a glob, a folder or a file."""
     if any(c in source for c in "*?["):
@@ -118,8 +135,7 @@ def read_bytes(uri):
         return _read_local(uri, filesystem(uri)[1])
     fs, path = filesystem(uri)
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return read_object(fs, path)
     except (OSError, pa.ArrowException) as e:
         raise OSError(f"{uri}: cannot read: {str(e).splitlines()[0]}") from None
 

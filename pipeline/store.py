@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .sources import filesystem
+from .sources import filesystem, read_object
 
 ENCODINGS = pa.schema([
     ("image_id", pa.string()),  # SHA-256 of the file's bytes, hex
@@ -140,16 +140,21 @@ def read_bytes(out, name):
     """The bytes of OUT/name, or None when there is no such file."""
     fs, path = filesystem(join(out, name))
     try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return read_object(fs, path)
     except FileNotFoundError:
         return None
 
 
+def file_size(out, name):
+    """The size in bytes of OUT/name, or None when it is not a file."""
+    fs, path = filesystem(join(out, name))
+    info = fs.get_file_info(path)
+    return info.size if info.type == pafs.FileType.File else None
+
+
 def exists(out, name):
     """Whether OUT/name is a file."""
-    fs, path = filesystem(join(out, name))
-    return fs.get_file_info(path).type == pafs.FileType.File
+    return file_size(out, name) is not None
 
 
 def delete(out, name):

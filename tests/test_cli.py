@@ -109,13 +109,15 @@ def test_config_file_is_validated(tmp_path):
 
 def test_fit_to_a_target_rate_writes_a_model_within_it(tmp_path):
     out = tmp_path / "o"
-    result = mrnet("fit", "samples/chelsea.png", "--out", out, "--preset", "compact", "--size", "40", "--levels", "2",
+    # The product's default path: rate control over the shipped prior's rungs (without a prior: test_rate.py).
+    result = mrnet("fit", "samples/chelsea.png", "--out", out, "--preset", "compact", "--size", "40",
                    "--target-bpp", "4")
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "metrics.json").read_text())[0]
     size = (out / "chelsea.mrnet").stat().st_size
-    assert record["model_bytes"] == size and 8 * size / (40 * 27) <= 4 and record["weight_bits"] == 8
-    assert record["rate"]["met"] and len(record["levels"]) == 2
+    assert record["model_bytes"] == size and 8 * size / (40 * 27) <= 4 and record["weight_bits"] <= 12
+    assert record["rate"]["met"] and len(record["levels"]) == 3 and record["prior_id"]
+    assert (out / "priors" / f"{record['prior_id']}.mrprior").is_file()
 
 
 def test_version():

@@ -1,4 +1,5 @@
 """OUT's lease (pipeline/lease.py) on real files: one holder, stale take-over, and races with exactly one winner."""
+import io
 import json
 import os
 import subprocess
@@ -117,3 +118,30 @@ def test_wait_takes_the_lease_when_the_holder_releases(tmp_path):
     started = time.time()
     second = lease.acquire(fs, path, wait=True, log=lambda line: None)
     assert second["token"] != first["token"] and time.time() - started >= 1.4
+
+
+class BreaksOff:
+    """An object store whose first `failures` reads break off, as a dropped connection does."""
+
+    def __init__(self, data, failures, error=OSError("AWS Error NETWORK_CONNECTION: Failed to flush response stream")):
+        self.data, self.failures, self.error, self.reads = data, failures, error, 0
+
+    def open_input_stream(self, path):
+        self.reads += 1
+        if self.reads <= self.failures:
+            raise self.error
+        return io.BytesIO(self.data)
+
+
+def test_object_store_reads_that_break_off_are_tried_again_but_not_forever_and_not_when_missing():
+    from pipeline.sources import read_object
+    fs = BreaksOff(b"lease", failures=2)
+    assert read_object(fs, "b/k", wait=0) == b"lease" and fs.reads == 3
+    fs = BreaksOff(b"lease", failures=10)
+    with pytest.raises(OSError, match="flush response stream"):
+        read_object(fs, "b/k", attempts=3, wait=0)
+    assert fs.reads == 3
+    fs = BreaksOff(b"", failures=10, error=FileNotFoundError("b/k"))
+    with pytest.raises(FileNotFoundError):
+        read_object(fs, "b/k", wait=0)
+    assert fs.reads == 1

@@ -206,6 +206,13 @@ def test_rows_encoded_from_a_prior_render_from_parquet_with_the_copy_in_out(tmp_
     other = tmp_path / "other.mrprior"
     priors.save(other, make_prior(seed=9))
     assert main(["render", str(out / "one.mrnet"), "--out", str(tmp_path / "two.png"), "--prior", str(other)]) == 1
+    # A huge file planted as OUT's copy is refused by its size, before a byte of it is read.
+    from pipeline import priors as found
+    found._from_out.cache_clear()
+    with open(out / "priors" / f"{prior.prior_id}.mrprior", "r+b") as f:
+        f.truncate(64 << 30)  # sparse: 64 GiB that take no disk
+    with pytest.raises(BadRow, match="more than any prior holds"):
+        load_row(row, str(out))
 
 
 def test_a_killed_prior_train_resumes_from_its_checkpoint(tmp_path):
