@@ -5,7 +5,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,30 +20,29 @@ from mrnet_core.images import (DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageError, re
                                 save_image, save_png)
 from mrnet_core.network import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
+from pipeline.console import Progress, quiet_libraries
 from pipeline.lease import LeaseHeld
 from pipeline.prior_train import add_parser as add_prior_parser
 from pipeline.settings import FIT_FLAGS, resolve
 from pipeline.thumbnails import render_levels
 
 
-class Progress:
-    """One status line per stage on stderr, redrawn in place on a terminal."""
+class FitProgress:
+    """`mrnet fit`'s progress line: epochs of every stage against their most (a stage may stop sooner, so the ETA is
+    an upper bound), and the last stage loss as a PSNR. A rate target fits several sizes: each starts the count
+    again."""
 
-    def __init__(self, label, levels):
-        self.label, self.levels, self.start, self.tty = label, levels, time.perf_counter(), sys.stderr.isatty()
+    def __init__(self, label, cfg):
+        self.max_epochs = [int(e) for e in cfg.per_stage("max_epochs")]
+        self.line = Progress(label, sum(self.max_epochs), unit="epochs")
 
     def __call__(self, stage, epoch, losses):
         mean_psnr = sum(-10 * math.log10(max(float(v), 1e-12)) for v in losses) / len(losses)
-        line = (f"{self.label}: stage {stage + 1}/{self.levels} epoch {epoch + 1} "
-                f"stage-loss PSNR {mean_psnr:.2f} dB, {time.perf_counter() - self.start:.1f} s")
-        if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
-        elif epoch % 100 == 0:
-            print(line, file=sys.stderr, flush=True)
+        self.line.update(sum(self.max_epochs[:stage]) + epoch + 1,
+                         f"stage {stage + 1}/{len(self.max_epochs)}, stage-loss PSNR {mean_psnr:.2f} dB")
 
     def done(self):
-        if self.tty:
-            print(file=sys.stderr)
+        self.line.close()
 
 
 def _unique_stems(paths):
@@ -64,7 +62,7 @@ def _write_json(path, obj):
 
 def cmd_fit(args):
     cfg, job = resolve(args)  # the same config files, bounds and messages as `mrnet encode`
-    encode_only = sorted(set(job) - {"size", "max_pixels"})
+    encode_only = sorted(set(job) - {"preset", "size", "max_pixels"})
     if encode_only:
         print(f"note: {args.config}: [job] {', '.join(encode_only)}: for `mrnet encode` only", file=sys.stderr)
     devices.resolve(args.device)  # a device that cannot be used is one line before any work
@@ -88,7 +86,7 @@ def cmd_fit(args):
     results = []
     for (c, h, w), items in groups.items():
         batch = torch.stack([image for _, _, image, _ in items])
-        progress = Progress(f"{len(items)} image(s) {w}x{h}x{c}", cfg.levels)
+        progress = FitProgress(f"fit {len(items)} image(s) {w}x{h}x{c}", cfg)
         chosen = choose_prior(cfg, c)
         if chosen is not None:  # kept beside the models, where render and export look for it
             prior.save(out / "priors" / f"{chosen.prior_id}.mrprior", chosen)
@@ -360,6 +358,7 @@ def build_parser():
                    help="when another job holds OUT, wait for it (or for its lease to expire) rather than stop")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 when any input of this run failed (default: 0; failures are rows in OUT/failures)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's, Ray Data's and MLflow's own logs")
     p.set_defaults(run=cmd_encode)
 
     p = sub.add_parser("study", help="rate-distortion sweep over a grid of configs, against JPEG, WebP and AVIF")
@@ -369,12 +368,14 @@ def build_parser():
     p.add_argument("--size", type=int, help="resize the long side to S (overrides the grid's job.size)")
     p.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-study-<OUT's folder name>)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's, Ray Data's and MLflow's own logs")
     p.set_defaults(run=cmd_study)
 
     p = sub.add_parser("render-collection", help="thumbnails per level, comparison with codecs, and report.html")
     p.add_argument("out", metavar="OUT", help="an `mrnet encode` output folder (local)")
     p.add_argument("--config-id", help="which config's encodings (default: the last run's)")
     p.add_argument("--workers", type=int, help="Ray actors of one CPU each (default: every CPU of the cluster)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Ray's, Ray Data's and MLflow's own logs")
     p.set_defaults(run=cmd_render_collection)
 
     add_prior_parser(sub)
@@ -393,6 +394,7 @@ def _join_domain(argv):
 def main(argv=None):
     args = build_parser().parse_args(_join_domain(sys.argv[1:] if argv is None else argv))
     devices.use_full_precision()
+    quiet_libraries(getattr(args, "verbose", False))
     try:
         return args.run(args)
     except (ConfigError, devices.DeviceError, LeaseHeld) as e:  # before any work: a bad flag or config, an unusable

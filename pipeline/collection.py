@@ -33,6 +33,7 @@ from mrnet_core import modelfile
 from mrnet_core.images import png_bytes
 
 from . import priors, store
+from .console import init_ray
 from .compare import CURVES, IMAGES, compare
 from .sources import filesystem
 from .thumbnails import GAP, write_thumbnails
@@ -222,7 +223,7 @@ def render_collection(out, config_id=None, log=print, workers=None):
     local = not ray.is_initialized()
     if local:
         # a new one: never attach to another job's
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)
+        init_ray("local", include_dashboard=False)
     try:
         totals = compare_all(out, config_id, config, log, workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
     finally:

@@ -37,6 +37,7 @@ from mrnet_core.images import DEFAULT_MAX_PIXELS, ImageError, decode, resize_lon
 from mrnet_core.pyramid import level_sizes
 
 from . import store
+from .console import Progress, init_ray
 from .lease import LeaseLost, held
 from .priors import keep as keep_prior
 from .priors import path_in as priors_path
@@ -103,11 +104,12 @@ class Encoder:
     fresh CUDA context) and retries the batch; no image is marked failed for it.
     """
 
-    def __init__(self, cfg, cfg_id, out, threads, encode_fn=encode, prior_bytes=None):
+    def __init__(self, cfg, cfg_id, out, threads, encode_fn=encode, prior_ref=None):
         torch.set_num_threads(threads)
         self.cfg, self.cfg_id, self.out, self.encode_fn = cfg, cfg_id, out, encode_fn
-        if prior_bytes is not None:  # every image starts from the job's prior
-            self.encode_fn = functools.partial(encode_fn, prior=priors.from_bytes(prior_bytes, "the job's prior"))
+        if prior_ref is not None:  # every image starts from the job's prior
+            prior = priors.from_bytes(ray.get(prior_ref[0]), "the job's prior")
+            self.encode_fn = functools.partial(encode_fn, prior=prior)
         self.device = "cpu"
         node = ray.get_runtime_context().get_node_id()[:12]
         if ray.get_gpu_ids():
@@ -290,8 +292,9 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                             num_gpus=num_gpus, num_cpus=num_cpus,  # Ray Data restarts dead actors, retries calls
                             fn_constructor_kwargs={"cfg": cfg, "cfg_id": cfg_id, "out": out,
                                                    "threads": threads, "encode_fn": encode_fn,
-                                                   "prior_bytes": prior.data if prior else None})
-        last = 0.0
+                                                   # by reference: the actors' own arguments stay small
+                                                   "prior_ref": [ray.put(prior.data)] if prior else None})
+        progress = Progress("encode", listed)
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             if lease_lost is not None and lease_lost.is_set():
                 raise LeaseLost(f"{out}: this job lost its lease on the folder (it expired or another job took "
@@ -299,10 +302,8 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
             for k in totals:
                 totals[k] += column_sum(report, k)
             seen = totals["done"] + totals["failed"] + totals["deferred"] + totals["skipped"]
-            if time.perf_counter() - last > 5 or seen == listed:
-                last = time.perf_counter()
-                log(f"encode: {seen}/{listed}: {totals['done']} done, {totals['failed']} failed, "
-                    f"{totals['skipped']} skipped, {totals['done'] / (last - start):.2f} images/s")
+            progress.update(seen, f"{totals['done']} done, {totals['failed']} failed, {totals['skipped']} skipped")
+        progress.close()
     fs, path = filesystem(listing)
     fs.delete_dir(path)
     if not fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0])):
@@ -356,16 +357,14 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log=print):
 
 def cmd_encode(args):
     cfg, job = resolve(args)
-    wait = job.pop("wait", False)
-    deadline = job.pop("tracking_deadline", None)
     out = args.out if "://" in args.out else os.path.abspath(args.out)
     if not ray.is_initialized():
-        ray.init(address=args.ray_address, log_to_driver=False)
+        init_ray(args.ray_address)
     plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its errors before any file
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     # the lease before any other file: one job at a time writes OUT
-    with exit_on_sigterm(), held(out, wait, log) as lease_lost:
-        return encode_holding(args, out, cfg, job, log, lease_lost, deadline)
+    with exit_on_sigterm(), held(out, job.get("wait", False), log) as lease_lost:
+        return encode_holding(args, out, cfg, job, log, lease_lost)
 
 
 @contextmanager
@@ -383,13 +382,15 @@ def exit_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
-def encode_holding(args, out, cfg, job, log, lease_lost, deadline=None):
+def encode_holding(args, out, cfg, job, log, lease_lost):
+    """The job, once it holds OUT's lease. `job`: every setting of the [job] table and flags; all are logged."""
     from . import track
     # One MLflow run per job, opened first; all its calls together take `deadline` seconds at most.
-    deadline = track.DEADLINE if deadline is None else deadline
+    deadline = job.get("tracking_deadline", track.DEADLINE)
     tracker = track.start(out, getattr(args, "experiment", None), log, deadline=deadline)
     try:
-        summary = run(args.input, out, cfg, log=log, lease_lost=lease_lost, **job)
+        run_settings = {k: v for k, v in job.items() if k not in ("preset", "wait", "tracking_deadline")}
+        summary = run(args.input, out, cfg, log=log, lease_lost=lease_lost, **run_settings)
         if not getattr(args, "no_render", False):
             from .collection import render_collection
             summary["render"] = render_collection(out, summary["config_id"], log=log)

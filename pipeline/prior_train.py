@@ -31,6 +31,7 @@ from mrnet_core.rate import scaled
 from mrnet_core.render import render
 
 from . import store, track
+from .console import init_ray
 from .sources import list_images, read_bytes
 
 CHECKPOINT_EVERY = 5  # outer steps per actor call, and so between checkpoints
@@ -197,7 +198,7 @@ def cmd_prior_train(args):
     log(f"prior train: {used} image(s): {len(train)} training crops, {0 if held is None else len(held)} held out; "
         f"{len(scales)} rung(s), {args.steps} outer steps each")
     if not ray.is_initialized():
-        ray.init(address=args.ray_address, log_to_driver=False)
+        init_ray(args.ray_address)
     gpus = ray.cluster_resources().get("GPU", 0)
     threads = 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1) // len(scales)))
     trainer = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(RungTrainer)
@@ -323,5 +324,6 @@ def add_parser(sub):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     t.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
+    t.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own logs")
     t.set_defaults(run=cmd_prior_train)
     return p

@@ -71,6 +71,6 @@ def resolve(args):
     for k in JOB_KEYS:
         if getattr(args, k, None) is not None:
             job[k] = getattr(args, k)
-    job = check_job(job)
+    job = check_job({"preset": "default", **job})
     fit = fit_overrides(args, fit)
-    return make_config(job.pop("preset", "default"), fit, model=getattr(args, "model", None)), job
+    return make_config(job["preset"], fit, model=getattr(args, "model", None)), job

@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from mrnet_core.config import ConfigError, make_config
 
 from . import store, track
+from .console import init_ray
 from .bjontegaard import bd_psnr, bd_rate
 from .settings import check_job
 from .compare import CODECS, CURVES, IMAGES
@@ -306,7 +307,7 @@ def cmd_study(args):
     out = os.path.abspath(args.out)
     import ray
     if not ray.is_initialized():
-        ray.init(address=args.ray_address, log_to_driver=False)
+        init_ray(args.ray_address)
     from .encode import plan_resources
     plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its ConfigError before any file
     os.makedirs(out, exist_ok=True)

@@ -135,6 +135,7 @@ def check_run(client, run, done, skipped):
         assert name in m
     assert m["psnr/level_1/p5"] <= m["psnr/level_1/median"]
     assert run.data.params["fit.levels"] == "2" and run.data.params["job.size"] == "32"
+    assert run.data.params["job.preset"] == "fast"  # every job setting, the preset among them
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert run.data.tags["mlflow.source.git.commit"] == head and run.data.tags["devices"].startswith("cpu")
     assert "node(s)" in run.data.tags["ray.cluster"]
