@@ -105,19 +105,30 @@ def fit_budget(pil, codec, budget, options):
     return best
 
 
+def best_at_budget(original, codec, budget):
+    """(best, tried): best is ((PSNR, SSIM), quality, file bytes, decoded pixels) of the codec's best file within
+    `budget` bytes over its option sets, or None when none fits; tried is [(quality or None, file)] per option set."""
+    pil = to_pil(original)
+    tried = [fit_budget(pil, codec, budget, options) for options in OPTIONS[codec]]
+    fitting = []
+    for q, data in tried:
+        if q is not None:
+            pixels = decoded(data, original.shape[0])
+            fitting.append((score(pixels, original), q, data, pixels))
+    return max(fitting, key=lambda f: f[0][0], default=None), tried
+
+
 def codec_at_budget(original, codec, budget):
     """Columns {codec}_quality/bytes/bpp/psnr/ssim/note for one codec at `budget` bytes."""
-    pil = to_pil(original)
     pixels = original.shape[1] * original.shape[2]
-    tried = [fit_budget(pil, codec, budget, options) for options in OPTIONS[codec]]
-    fitting = [(score(decoded(data, original.shape[0]), original), q, data) for q, data in tried if q is not None]
-    if not fitting:
+    best, tried = best_at_budget(original, codec, budget)
+    if best is None:
         data = min((data for _, data in tried), key=len)
         return {f"{codec}_quality": None, f"{codec}_bytes": len(data), f"{codec}_bpp": 8 * len(data) / pixels,
                 f"{codec}_psnr": None, f"{codec}_ssim": None,
                 f"{codec}_note": f"even quality {QUALITY_RANGE[0]} takes {len(data)} bytes, "
                                  f"over the budget of {budget}"}
-    (p, s), quality, data = max(fitting, key=lambda f: f[0][0])
+    (p, s), quality, data, _ = best
     note = f"quality {quality} is the highest and uses only {len(data)} of {budget} bytes" \
         if quality == QUALITY_RANGE[1] and len(data) < budget else None
     return {f"{codec}_quality": quality, f"{codec}_bytes": len(data), f"{codec}_bpp": round(8 * len(data) / pixels, 4),

@@ -1,131 +1,28 @@
 """OUT/report.html: one self-contained page (images embedded as data URIs) about a config's encodings.
 
-Rate-distortion plot (MR-Net against JPEG, WebP and AVIF), PSNR per level, the comparison table, the best and
-worst images with their level strips, the failures and the config. The plots are SVG drawn here by hand (no
-plotting dependency) and also written to OUT/report/ so they can be logged as artifacts.
+Rate-distortion plot (MR-Net against JPEG, WebP and AVIF), PSNR per level, the comparison table, crops of the
+best, median and worst images beside each codec at the same bytes, every image with its level strip (collapsed),
+the failures and the config. The plots (`plots.py`) are also written to OUT/report/ so they can be logged as
+artifacts.
 """
-import base64
-import html
 import json
-import math
 import statistics
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import torch
+from PIL import Image
+
+from mrnet_core.images import png_bytes
 
 from . import store
 from .collection import batches
-from .compare import CODECS, CURVES, IMAGES
+from .compare import CODECS, CURVES, IMAGES, best_at_budget, decoded, original_pixels
+from .page import CHECK_SCRIPT, STYLE, data_uri, esc, fmt, versus
+from .plots import COLORS, NAMES, rd_plot, svg_plot
 
-COLORS = {"mrnet": "#d62728", "jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
-NAMES = {"mrnet": "MR-Net", "jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
-W, H, M = 520, 340, 50  # plot size and margin
 REPORT_COLUMNS = [n for n in IMAGES.names if n != "config_id"]  # what the page shows of each image
 ROWS_AT_ONCE = 256  # comparison rows turned into Python objects at a time while the page is written
-
-# Sets data-images-loaded on <body> once every <img> has decoded, so a headless browser can check the page.
-CHECK_SCRIPT = """<script>
-function check() {
-  const imgs = Array.from(document.images);
-  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
-  document.body.setAttribute('data-images-loaded', ok + '/' + imgs.length);
-  if (ok < imgs.length) setTimeout(check, 50);
-}
-window.addEventListener('load', check);
-</script>"""
-
-STYLE = """<style>
-body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin-top: 28px; }
-.cards { display: flex; gap: 12px; flex-wrap: wrap; margin: 12px 0; }
-.card { border: 1px solid #ddd; border-radius: 6px; padding: 8px 12px; min-width: 120px; }
-.card b { display: block; font-size: 18px; }
-.plots { display: flex; gap: 16px; flex-wrap: wrap; }
-table { border-collapse: collapse; font-size: 12px; } \
-td, th { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
-th { background: #f4f4f4; } td.l { text-align: left; } .win { background: #e6f4e6; } .lose { background: #fbeaea; }
-.strip img { height: 96px; image-rendering: auto; } .muted { color: #777; }
-</style>"""
-
-
-def esc(x):
-    return html.escape(str(x))
-
-
-def fmt(x, digits=2):
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-def data_uri(data: bytes, mime):
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-def ticks(lo, hi, n=5):
-    step = (hi - lo) / n
-    return [lo + i * step for i in range(n + 1)]
-
-
-def svg_plot(series, xlabel, ylabel, logx=False, title="", integer_x=False):
-    """An SVG line/point plot. series: [(name, color, [(x, y)], 'line' | 'points')]."""
-    pts = [(x, y) for _, _, xy, _ in series for x, y in xy if x is not None and y is not None]
-    if not pts:
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}">'
-                '<text x="20" y="30">no data</text></svg>')
-    tx = (lambda v: math.log10(v)) if logx else (lambda v: v)
-    xs, ys = [tx(x) for x, _ in pts], [y for _, y in pts]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = math.floor(min(ys)) - 1, math.ceil(max(ys)) + 1
-    if x1 - x0 < 1e-9:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    if logx:
-        x0, x1 = math.floor(x0 * 4) / 4, math.ceil(x1 * 4) / 4
-
-    def px(x):
-        return M + (tx(x) - x0) / (x1 - x0) * (W - 1.5 * M)
-
-    def py(y):
-        return H - M - (y - y0) / (y1 - y0) * (H - 1.6 * M)
-
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-             'font-family="sans-serif" font-size="11">',
-             f'<rect width="{W}" height="{H}" fill="white"/>',
-             f'<text x="{W / 2}" y="16" text-anchor="middle" font-size="13">{esc(title)}</text>',
-             f'<line x1="{M}" y1="{H - M}" x2="{W - M / 2}" y2="{H - M}" stroke="#444"/>',
-             f'<line x1="{M}" y1="{H - M}" x2="{M}" y2="{0.6 * M}" stroke="#444"/>']
-    for t in (range(int(x0), int(x1) + 1) if integer_x else ticks(x0, x1)):
-        v = 10 ** t if logx else t
-        x = M + (t - x0) / (x1 - x0) * (W - 1.5 * M)
-        parts.append(f'<line x1="{x:.1f}" y1="{H - M}" x2="{x:.1f}" y2="{H - M + 4}" stroke="#444"/>'
-                     f'<text x="{x:.1f}" y="{H - M + 16}" text-anchor="middle">{v:.3g}</text>')
-    for t in ticks(y0, y1):
-        parts.append(f'<line x1="{M - 4}" y1="{py(t):.1f}" x2="{W - M / 2}" y2="{py(t):.1f}" stroke="#eee"/>'
-                     f'<text x="{M - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.1f}</text>')
-    parts.append(f'<text x="{(W + M) / 2}" y="{H - 10}" text-anchor="middle">{esc(xlabel)}</text>'
-                 f'<text x="14" y="{H / 2}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {H / 2})">{esc(ylabel)}</text>')
-    for i, (name, color, xy, kind) in enumerate(series):
-        xy = [(x, y) for x, y in xy if x is not None and y is not None]
-        if kind == "line" and len(xy) > 1:
-            d = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in xy)
-            parts.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2"/>')
-        for x, y in xy:
-            parts.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" '
-                         f'r="{3.5 if kind == "points" else 2.5}" fill="{color}"/>')
-        if name:  # legend in the lower right, where rate-distortion curves rarely go
-            ly = H - M - 14 * (len(series) - i) - 4
-            parts.append(f'<rect x="{W - 130}" y="{ly}" width="10" height="10" fill="{color}"/>'
-                         f'<text x="{W - 115}" y="{ly + 9}">{esc(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def rd_plot(points, means):
-    """bpp (log) against full-resolution PSNR: one point per MR-Net, each codec's mean curve over the images.
-    points: [(bpp, PSNR)] per image; means: {codec: [(mean bpp, mean PSNR)] by quality} (curve_means)."""
-    series = [("MR-Net (per image)", COLORS["mrnet"], points, "points")]
-    series += [(f"{NAMES[c]} (mean, q 10-100)", COLORS[c], means.get(c, []), "line") for c in CODECS]
-    return svg_plot(series, "bits per pixel (log scale)", "PSNR (dB), full resolution", logx=True,
-                    title="Rate-distortion")
 
 
 def level_plot(rows):
@@ -178,13 +75,84 @@ def table_row(r):
     notes = [r["note"]] if r["note"] else []
     for c in CODECS:
         p = r[f"{c}_psnr"]
-        cls = "" if p is None or mr is None else (' class="win"' if mr > p else ' class="lose"')
+        cls = versus(mr, p)
         cells.append(f"<td>{r[f'{c}_quality'] if r[f'{c}_quality'] is not None else '–'}</td>"
                      f"<td>{fmt(r[f'{c}_bpp'])}</td><td{cls}>{fmt(p)}</td>")
         if r[f"{c}_note"]:
             notes.append(f"{NAMES[c]}: {r[f'{c}_note']}")
     cells.append(f'<td class="l muted">{esc("; ".join(notes))}</td>')
     return "<tr>" + "".join(cells) + "</tr>"
+
+
+EMBEDDED_STRIPS = 200  # level strips embedded in the page; later images link to OUT/thumbnails/ (a big job's page
+# would otherwise hold every thumbnail it made)
+CROP = 64  # side of the equal-bytes crops, in pixels of the image
+CROP_ZOOM = 3
+
+
+def image_entry(out, r, embed=True):
+    """One image's collapsible line: its figures, and its level strip when opened."""
+    figures = (f'{fmt(r["psnr"][-1])} dB at {fmt(r["bpp"])} bpp; levels {" / ".join(fmt(p) for p in r["psnr"])} dB'
+               if r["psnr"] else esc(r["note"] or "not compared"))
+    if embed:
+        strip = strip_img(out, r["image_id"])
+    elif store.is_image_id(r["image_id"]):
+        strip = f'<img loading="lazy" alt="levels" src="thumbnails/{r["image_id"]}/strip.png">'
+    else:
+        strip = '<span class="muted">no thumbnails</span>'
+    return (f'<details class="strip"><summary>{esc(name_of(r["uri"]))}: {figures}</summary>{strip}</details>')
+
+
+def most_detailed_window(image, side):
+    """(top, left) of the side x side window of [C, H, W] with the most detail (gradient energy), on a half-side
+    grid."""
+    grey = image.mean(0)
+    energy = (grey[1:, :-1] - grey[:-1, :-1]).abs() + (grey[:-1, 1:] - grey[:-1, :-1]).abs()
+    stride = max(1, side // 2)
+    pooled = torch.nn.functional.avg_pool2d(energy[None, None], min(side - 1, *energy.shape) or 1, stride)[0, 0]
+    flat = int(pooled.argmax())
+    top, left = divmod(flat, pooled.shape[1])
+    return min(top * stride, image.shape[1] - side), min(left * stride, image.shape[2] - side)
+
+
+def crops(out, r, size):
+    """Side-by-side crops of one image at equal bytes: the original, the MR-Net's full-resolution render and each
+    codec's file at the MR-Net's bytes. A line saying why, when the original or the render cannot be read."""
+    title = f'<p>{esc(name_of(r["uri"]))}: {fmt(r["bpp"])} bpp, {r["model_bytes"]:,} bytes</p>'
+    if not store.is_image_id(r["image_id"]) or not r["psnr"]:
+        return title + '<p class="muted">not compared</p>'
+    try:
+        original = original_pixels(r["uri"], size)
+    except (OSError, ValueError) as e:
+        return title + f'<p class="muted">original not shown: {esc(e)}</p>'
+    render = store.read_bytes(out, f"thumbnails/{r['image_id']}/level_{len(r['psnr']) - 1}.png")
+    if render is None or tuple(original.shape) != (r["channels"], r["height"], r["width"]):
+        return title + '<p class="muted">the original or its render changed since it was compared</p>'
+    side = min(CROP, r["width"], r["height"])
+    top, left = most_detailed_window(original, side)
+    window = (slice(None), slice(top, top + side), slice(left, left + side))
+    try:
+        rendered = decoded(render, r["channels"])
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return title + f'<p class="muted">its render cannot be read: {esc(e)}</p>'
+    if tuple(rendered.shape) != tuple(original.shape):
+        return title + '<p class="muted">its render is not the size of the image</p>'
+    shown = [("original", original), (f"MR-Net, {fmt(r['psnr'][-1])} dB", rendered)]
+    for c in CODECS:
+        best, _ = best_at_budget(original, c, r["model_bytes"])
+        if best is None:
+            shown.append((f"{NAMES[c]}: does not fit in {r['model_bytes']:,} bytes", None))
+        else:
+            (p, _), quality, data, pixels = best
+            shown.append((f"{NAMES[c]} q {quality}, {len(data):,} B, {fmt(p)} dB", pixels))
+    figures = []
+    for caption, pixels in shown:
+        img = ('<div class="muted" style="width:{0}px;height:{0}px">–</div>'.format(side * CROP_ZOOM)
+               if pixels is None else
+               f'<img alt="{esc(caption)}" width="{side * CROP_ZOOM}" height="{side * CROP_ZOOM}" '
+               f'src="{data_uri(png_bytes(pixels[window].contiguous()), "image/png")}">')
+        figures.append(f"<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>")
+    return title + f'<div class="crops">{"".join(figures)}</div>'
 
 
 def write_report(out, config_id):
@@ -199,14 +167,16 @@ def write_report(out, config_id):
     scored = [i for i, p in enumerate(psnr) if p]
     failed = sum(b.num_rows for b in batches(out, "failures", ["uri"], is_config, store.FAILURES))
     manifest = store.read_manifest(out)
-    plots = {"rate_distortion.svg": rd_plot([(bpp[i], psnr[i][-1]) for i in scored], curve_means(out, is_config)),
+    mrnet = [("MR-Net (per image)", COLORS["mrnet"], [(bpp[i], psnr[i][-1]) for i in scored], "points")]
+    plots = {"rate_distortion.svg": rd_plot(mrnet, curve_means(out, is_config)),
              "psnr_per_level.svg": level_plot([psnr[i] for i in scored])}
     for name, svg in plots.items():
         store.write_bytes(out, f"report/{name}", svg.encode())
 
     ranked = sorted(scored, key=lambda i: psnr[i][-1], reverse=True)
-    k = min(3, len(ranked) // 2) or len(ranked)
-    best, worst = ranked[:k], ranked[::-1][:k] if len(ranked) > 1 else []
+    ranked += [i for i in range(images.num_rows) if not psnr[i]]  # not compared: last
+    chosen = list(dict.fromkeys(ranked[j] for j in (0, len(scored) // 2, len(scored) - 1))) if scored else []
+    size = manifest.get("configs", {}).get(config_id, {}).get("size")
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -221,11 +191,9 @@ def write_report(out, config_id):
     cards += [(f"{NAMES[c]} PSNR at same bytes", fmt(mean(column(f"{c}_psnr"))) + " dB") for c in CODECS]
     last = manifest.get("last_run", {})
 
-    def gallery(picked):
+    def image_entries(picked, offset):
         rows = images.take(pa.array(picked, pa.int64())).to_pylist()
-        return "".join(f'<div class="strip"><p>{esc(name_of(r["uri"]))}: {fmt(r["psnr"][-1])} dB at '
-                       f'{fmt(r["bpp"])} bpp; levels {" / ".join(fmt(p) for p in r["psnr"])} dB</p>'
-                       f'{strip_img(out, r["image_id"])}</div>' for r in rows)
+        return "".join(image_entry(out, r, embed=offset + j < EMBEDDED_STRIPS) for j, r in enumerate(rows))
 
     head = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>MR-Net report: {esc(out)}</title>{STYLE}</head>
@@ -243,8 +211,17 @@ MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is h
 <h2>Comparison</h2>
 """
     middle = f"""
-<h2>Best images</h2>{gallery(best)}
-<h2>Worst images</h2>{gallery(worst) or '<p class="muted">too few images</p>'}
+<h2>At equal bytes</h2>
+<p class="muted">The best, the median and the worst image by PSNR: a crop where the original has most detail, shown
+3x, from the full-resolution MR-Net and each codec's file at the MR-Net's bytes (PSNR of the whole image).</p>
+{"".join(crops(out, images.take(pa.array([i], pa.int64())).to_pylist()[0], size) for i in chosen)
+ or '<p class="muted">no image was compared</p>'}
+<h2>Images ({images.num_rows})</h2>
+<p class="muted">Best first by full-resolution PSNR; open one for its levels of detail, coarse to fine{
+f" (the first {EMBEDDED_STRIPS} are embedded; later ones link to OUT/thumbnails/)"
+if images.num_rows > EMBEDDED_STRIPS else ""}.</p>
+"""
+    failures_head = f"""
 <h2>Failures ({failed})</h2>
 """
     tail = f"""
@@ -260,6 +237,9 @@ MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is h
         for offset in range(0, images.num_rows, ROWS_AT_ONCE):
             write("".join(table_row(r) for r in images.slice(offset, ROWS_AT_ONCE).to_pylist()))
         write("</table>" + middle)
+        for offset in range(0, len(ranked), ROWS_AT_ONCE):
+            write(image_entries(ranked[offset : offset + ROWS_AT_ONCE], offset))
+        write(failures_head)
         if failed:
             write("<table><tr><th>uri</th><th>stage</th><th>kind</th><th>message</th></tr>")
             for b in batches(out, "failures", ["uri", "stage", "error_kind", "message"], is_config, store.FAILURES):

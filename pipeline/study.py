@@ -34,10 +34,10 @@ from .console import init_ray
 from .bjontegaard import bd_psnr, bd_rate
 from .settings import check_job
 from .compare import CODECS, CURVES, IMAGES
-from .report import CHECK_SCRIPT, NAMES, STYLE, data_uri, esc, fmt, svg_plot
+from .page import CHECK_SCRIPT, STYLE, data_uri, esc, fmt, versus
+from .plots import NAMES, rd_plot
 
 PALETTE = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f", "#393b79", "#637939"]
-CODEC_COLORS = {"jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#9467bd"}
 # A config's name is its variant's then "-key=value" per grid key (read_grid). A rate key's value runs up to the
 # next "-key=" or the end: a value may hold a "-" itself (1e-05).
 RATE_PART = re.compile(r"-target_(?:bpp|psnr)=.*?(?=-[^-=]*=|$)")
@@ -199,16 +199,16 @@ def rd_svg(table, curves):
     for i, variant in enumerate(dict.fromkeys(e["variant"] for e in table)):
         points = sorted((e["bpp"], e["psnr"][-1]) for e in table if e["variant"] == variant)
         series.append((variant, PALETTE[i % len(PALETTE)], points, "line"))
+    means = {}
     for codec in CODECS:
         points = {}
         for c in curves:
             if c["codec"] == codec:
                 points.setdefault(c["quality"], {})[c["image_id"]] = (c["bpp"], c["psnr"])
-        mean = [(statistics.fmean(b for b, _ in p.values()), statistics.fmean(q for _, q in p.values()))
-                for _, p in sorted(points.items())]
-        series.append((f"{NAMES[codec]} (mean)", CODEC_COLORS[codec], mean, "line"))
-    return svg_plot(series, "bits per pixel (log scale)", "PSNR (dB), full resolution, mean over images", logx=True,
-                    title="Rate-distortion: each variant against the codecs")
+        means[codec] = [(statistics.fmean(b for b, _ in p.values()), statistics.fmean(q for _, q in p.values()))
+                        for _, p in sorted(points.items())]
+    return rd_plot(series, means, title="Rate-distortion: each variant against the codecs",
+                   ylabel="PSNR (dB), full resolution, mean over images")
 
 
 def html_table(table):
@@ -223,7 +223,7 @@ def html_table(table):
                  f"<td>{fmt(e['psnr'][-1])}</td>", "".join(f"<td>{fmt(p)}</td>" for p in e["psnr"]),
                  "<td></td>" * (levels - len(e["psnr"]))]
         for c in CODECS:
-            cls = "" if e[c] is None else (' class="win"' if e["psnr"][-1] >= e[c] else ' class="lose"')
+            cls = versus(e["psnr"][-1], e[c])
             missing = f' <span class="muted">({e[f"{c}_missing"]} too small)</span>' if e[f"{c}_missing"] else ""
             cells.append(f"<td{cls}>{fmt(e[c])}{missing}</td>")
         cells.append(f"<td>{e['beats_jpeg']} / {e['images'] - e['jpeg_missing']}</td>")
@@ -243,9 +243,9 @@ def html_bd(bd):
         first = next(iter(mine.values()))
         cells = [f'<td class="l">{esc(variant)}</td><td>{first["rates"]}</td><td>{first["images"]}</td>']
         for c in CODECS:
-            for metric, better in (("bd_rate", lambda v: v < 0), ("bd_psnr", lambda v: v > 0)):
+            for metric in ("bd_rate", "bd_psnr"):  # fewer bits, or more dB, than the codec
                 v, n = mine[c][metric], mine[c][f"{metric}_images"]
-                cls = "" if v is None else (' class="win"' if better(v) else ' class="lose"')
+                cls = versus(0, v) if metric == "bd_rate" else versus(v, 0)
                 cells.append(f'<td{cls}>{fmt(v)} <span class="muted">({n})</span></td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return "<table>" + head + "".join(body) + "</table>"

@@ -247,8 +247,13 @@ def test_report_renders_in_headless_chromium_with_its_images(job, tmp_path):
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[:500]
     ok, total = map(int, loaded.groups())
-    assert ok == total == 2 + 2  # two plots, the strips of the best and the worst image
+    # Two plots; crops of the best, median and worst image (original, MR-Net and three codecs, each shown or
+    # said not to fit); and every image's level strip, collapsed.
+    crops, fitting = html.count("<figure>"), html.count("<figure><img")
+    assert crops == 3 * 5 and html.count("<details") == 3
+    assert ok == total == 2 + fitting + 3 and fitting >= 3 * 2
     assert "rate-distortion plot" in dom and "astronaut.png" in dom and "Failures (0)" in dom
+    assert "At equal bytes" in dom and "q " in dom
 
 
 def copies(job_out, out, n):
