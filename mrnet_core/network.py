@@ -211,11 +211,3 @@ class MRNet(nn.Module):
         outputs, _ = self.stage_outputs(x, count)
         weights = [min(max(t - i, 0.0), 1.0) for i in range(count)]
         return sum(c * g for c, g in zip(weights, outputs))
-
-    def select(self, index):
-        """A one-image MRNet holding image `index`'s weights."""
-        single = MRNet(self.arch, batch=1)
-        with torch.no_grad():
-            for p, q in zip(single.parameters(), self.parameters()):
-                p.copy_(q[index : index + 1])
-        return single.to(next(self.parameters()).device)

@@ -40,8 +40,3 @@ def render(model, width, height, t=None, window=FULL_DOMAIN, chunk=CHUNK, index=
     parts = [model(coords[i : i + chunk], t) for i in range(0, coords.shape[0], chunk)]
     out = torch.cat(parts, dim=1).reshape(model.batch, height, width, -1).permute(0, 3, 1, 2)
     return out if index is None else out[index]
-
-
-def thumbnail(model, level_sizes, width, height, window=FULL_DOMAIN):
-    """An anti-aliased render: t chosen from the output's pixel footprint."""
-    return render(model, width, height, antialiased_level(level_sizes, width, height, window), window)

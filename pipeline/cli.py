@@ -24,6 +24,7 @@ from pipeline.console import Progress, quiet_libraries
 from pipeline.lease import LeaseHeld
 from pipeline.prior_train import add_parser as add_prior_parser
 from pipeline.settings import FIT_FLAGS, resolve
+from pipeline.sources import has_scheme
 from pipeline.thumbnails import render_levels
 
 
@@ -120,7 +121,7 @@ MAX_DOMAIN = 1000.0
 
 def _out_folder(text):
     """--out as a local folder that is there or can be made; ConfigError otherwise (nothing is made here)."""
-    if "://" in text:
+    if has_scheme(text):
         raise ConfigError(f"--out: {text}: this command writes to a local folder (only `mrnet encode` and "
                           f"`render-collection` write to object stores)")
     out = Path(text)

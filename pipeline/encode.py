@@ -42,7 +42,7 @@ from .lease import LeaseLost, held
 from .priors import keep as keep_prior
 from .priors import path_in as priors_path
 from .settings import resolve
-from .sources import filesystem, list_images, read_bytes
+from .sources import filesystem, has_scheme, list_images, read_bytes
 
 FORMAT = 3  # bump when a change to this pipeline changes what a row holds
 LISTING_CHUNK = 10_000
@@ -357,7 +357,7 @@ def write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log=print):
 
 def cmd_encode(args):
     cfg, job = resolve(args)
-    out = args.out if "://" in args.out else os.path.abspath(args.out)
+    out = args.out if has_scheme(args.out) else os.path.abspath(args.out)
     if not ray.is_initialized():
         init_ray(args.ray_address)
     plan_resources(job.get("num_gpus"), job.get("num_cpus", 1), job.get("actors"))  # its errors before any file

@@ -32,7 +32,7 @@ from mrnet_core.render import render
 
 from . import store, track
 from .console import init_ray
-from .sources import list_images, read_bytes
+from .sources import has_scheme, list_images, read_bytes
 
 CHECKPOINT_EVERY = 5  # outer steps per actor call, and so between checkpoints
 SCORE_CROPS = 6  # held-out crops each rung is scored on: each is fitted twice at the encoder's full budget
@@ -172,7 +172,7 @@ def score_rung(arch, weights, settings, crops):
 def cmd_prior_train(args):
     import ray
 
-    if "://" in args.out:
+    if has_scheme(args.out):
         raise ConfigError(f"--out: prior train writes a local folder, not {args.out!r}")
     for name, value, lo, hi in (("--steps", args.steps, 1, MAX_STEPS), ("--batch", args.batch, 1, 1024),
                                 ("--crops", args.crops, 1, MAX_CROPS), ("--size", args.size, 16, 1024),

@@ -16,14 +16,15 @@ IMAGE_EXTENSIONS = frozenset(Image.registered_extensions())
 LIST_SUFFIXES = (".txt", ".lst", ".list")
 
 
-def _has_scheme(uri):
+def has_scheme(uri):
+    """Whether uri names its filesystem (s3://, gs://, file://, ...) rather than being a local path."""
     return "://" in uri
 
 
 def filesystem(uri, _cache={}):
     """(pyarrow filesystem, path in it) for a local path or a URI such as s3://bucket/key or file:///x; OSError
     naming the URI when pyarrow knows no such filesystem."""
-    if not _has_scheme(uri):
+    if not has_scheme(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     scheme = uri.split("://", 1)[0]
     if scheme == "file":
@@ -43,7 +44,7 @@ def local_path(path):
 
 def _join(uri, path):
     """A listed path back in the form the user gave: pyarrow paths drop the scheme (s3://b/k -> b/k)."""
-    return uri.split("://", 1)[0] + "://" + path if _has_scheme(uri) else path
+    return uri.split("://", 1)[0] + "://" + path if has_scheme(uri) else path
 
 
 def _walk(uri):
@@ -63,7 +64,7 @@ def _walk(uri):
 
 
 def _glob(pattern):
-    if not _has_scheme(pattern):
+    if not has_scheme(pattern):
         yield from sorted({local_path(p) for p in glob.iglob(os.path.abspath(pattern), recursive=True)
                            if os.path.isfile(p)})
         return
@@ -83,7 +84,7 @@ def _lines(uri):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            line = line if _has_scheme(line) else local_path(line)
+            line = line if has_scheme(line) else local_path(line)
             if line not in seen:
                 seen.add(line)
                 yield line
@@ -109,7 +110,7 @@ def list_images(source):
     """Every image URI the source names, as a stream: a text file of URIs (.txt/.lst), a glob, a folder or a file."""
     if any(c in source for c in "*?["):
         return _glob(source)
-    if not _has_scheme(source):
+    if not has_scheme(source):
         source = local_path(source)
     fs, path = filesystem(source)
     info = fs.get_file_info(path)
@@ -131,7 +132,7 @@ FILE_KINDS = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a
 def read_bytes(uri):
     """The file's bytes. Raises OSError naming the file when it cannot be read: no such file, an unknown scheme,
     no permission, a link loop, or not a regular file (a FIFO would block the reader forever, a device never end)."""
-    if not _has_scheme(uri) or uri.startswith("file://"):
+    if not has_scheme(uri) or uri.startswith("file://"):
         return _read_local(uri, filesystem(uri)[1])
     fs, path = filesystem(uri)
     try:

@@ -26,7 +26,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .sources import filesystem, read_object
+from .sources import filesystem, has_scheme, read_object
 
 ENCODINGS = pa.schema([
     ("image_id", pa.string()),  # SHA-256 of the file's bytes, hex
@@ -101,7 +101,7 @@ def join(out, *names):
 
 def is_remote(uri):
     """Whether uri names an object store or another non-local filesystem (s3://bucket/key), not a local path."""
-    return "://" in uri and not uri.startswith("file://")
+    return has_scheme(uri) and not uri.startswith("file://")
 
 
 @contextmanager

@@ -4,7 +4,7 @@ import torch
 from mrnet_core.config import make_config
 from mrnet_core.network import MRNet
 from mrnet_core.pyramid import pixel_grid
-from mrnet_core.render import antialiased_level, render, thumbnail
+from mrnet_core.render import antialiased_level, render
 
 LEVELS = [(16, 16), (32, 32), (64, 64)]
 
@@ -28,7 +28,8 @@ def test_render_any_size_and_window_matches_direct_evaluation():
     assert torch.allclose(out, direct, atol=1e-6)
 
 
-def test_thumbnail_renders_only_the_coarse_stages():
+def test_an_anti_aliased_thumbnail_renders_only_the_coarse_stages():
     model = MRNet(make_config("fast").architecture(1), seed=1)
-    assert torch.allclose(thumbnail(model, LEVELS, 16, 16), render(model, 16, 16, t=1.0))
-    assert not torch.allclose(thumbnail(model, LEVELS, 16, 16), render(model, 16, 16))
+    thumbnail = render(model, 16, 16, t=antialiased_level(LEVELS, 16, 16))
+    assert torch.allclose(thumbnail, render(model, 16, 16, t=1.0))
+    assert not torch.allclose(thumbnail, render(model, 16, 16))
