@@ -117,6 +117,7 @@ def cmd_fit(args):
 
 # Render windows may tile the domain many times over, but not so far out that float32 coordinates lose their pixels.
 MAX_DOMAIN = 1000.0
+MAX_VIEWER_IMAGES = 1000  # a page holds every model's weights
 
 
 def _out_folder(text):
@@ -262,6 +263,41 @@ def cmd_study(args):
     return cmd_study(args)
 
 
+def cmd_view(args):
+    from pipeline import viewer
+    from pipeline.collection import pick_config
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise ConfigError(f"--out: {out}: name an .html file")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ConfigError(f"--out: {out.parent} is not a folder this user can write to")
+    if not 1 <= args.limit <= MAX_VIEWER_IMAGES:
+        raise ConfigError(f"--limit: must be from 1 to {MAX_VIEWER_IMAGES}, not {args.limit}")
+    source = args.source
+    if has_scheme(source) or os.path.isdir(source):  # an encode job's OUT
+        source = source if has_scheme(source) else os.path.abspath(source)
+        try:
+            config_id, _ = pick_config(source, args.config_id)
+        except (FileNotFoundError, KeyError) as e:
+            raise ConfigError(e.args[0]) from None
+        given = prior.load(args.prior) if args.prior else None
+        entries, total = viewer.entries_from_out(source, config_id, limit=args.limit, given=given,
+                                                 log=lambda line: print(line, file=sys.stderr))
+        if not entries:
+            print(f"error: {source}: no model under config {config_id} could be decoded", file=sys.stderr)
+            return 1
+    else:
+        model, meta = _load_model(source, args.prior)
+        entries, total = [viewer.model_entry(Path(source).stem, model, meta)], 1
+    data = viewer.page(entries, title=f"MR-Net viewer: {Path(source).name}").encode()
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    print(f"wrote {out}: {len(entries)} of {total} model(s), {len(data):,} bytes; open it in a browser with WebGL 2")
+    return 0
+
+
 def cmd_render_collection(args):
     from pipeline import store
     from pipeline.collection import render_collection
@@ -378,6 +414,16 @@ def build_parser():
     p.add_argument("--workers", type=int, help="Ray actors of one CPU each (default: every CPU of the cluster)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's, Ray Data's and MLflow's own logs")
     p.set_defaults(run=cmd_render_collection)
+
+    p = sub.add_parser("view", help="a standalone page that draws models live in the browser (WebGL 2): pan, "
+                                    "zoom and a level-of-detail slider")
+    p.add_argument("source", metavar="MODEL|OUT", help="a .mrnet file, or an `mrnet encode` output folder")
+    p.add_argument("--out", required=True, help="the page to write (.html)")
+    p.add_argument("--prior", help="the .mrprior file the weights were coded against (default: beside the model or "
+                                    "in OUT, or the shipped prior)")
+    p.add_argument("--config-id", help="OUT only: which config's encodings (default: the last run's)")
+    p.add_argument("--limit", type=int, default=24, help="OUT only: the first N images by URI (default 24)")
+    p.set_defaults(run=cmd_view)
 
     add_prior_parser(sub)
     return parser

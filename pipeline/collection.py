@@ -3,7 +3,7 @@
     OUT/thumbnails/<image_id>/level_<k>.png, strip.png   every level of detail, from the weights alone
     OUT/comparison/images/part-*.parquet                 one row per image (pipeline/compare.py IMAGES)
     OUT/comparison/curves/part-*.parquet                 codec rate-distortion points (CURVES)
-    OUT/contact_sheet.png, OUT/report/*.svg, OUT/report.html
+    OUT/contact_sheet.png, OUT/report/*.svg, OUT/report.html, OUT/viewer.html
 
 A Ray Data stage, like encode: read the encodings -> map_batches on a pool of CPU actors, each call rendering
 and comparing its rows and committing their comparison parts atomically -> the driver sums small summaries,

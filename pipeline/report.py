@@ -20,6 +20,8 @@ from .collection import batches
 from .compare import CODECS, CURVES, IMAGES, best_at_budget, decoded, original_pixels
 from .page import CHECK_SCRIPT, STYLE, data_uri, esc, fmt, versus
 from .plots import COLORS, NAMES, rd_plot, svg_plot
+from .viewer import VIEWER_IMAGES, entries_from_out
+from .viewer import page as viewer_page
 
 REPORT_COLUMNS = [n for n in IMAGES.names if n != "config_id"]  # what the page shows of each image
 ROWS_AT_ONCE = 256  # comparison rows turned into Python objects at a time while the page is written
@@ -177,6 +179,9 @@ def write_report(out, config_id):
     ranked += [i for i in range(images.num_rows) if not psnr[i]]  # not compared: last
     chosen = list(dict.fromkeys(ranked[j] for j in (0, len(scored) // 2, len(scored) - 1))) if scored else []
     size = manifest.get("configs", {}).get(config_id, {}).get("size")
+    uris = images.column("uri").to_pylist()
+    shown, _ = entries_from_out(out, config_id, [uris[i] for i in ranked], VIEWER_IMAGES, log=lambda line: None)
+    store.write_bytes(out, "viewer.html", viewer_page(shown, title="MR-Net viewer: best first").encode())
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -206,6 +211,8 @@ def write_report(out, config_id):
 <img alt="rate-distortion plot" src="{data_uri(plots['rate_distortion.svg'].encode(), 'image/svg+xml')}">
 <img alt="PSNR per level" src="{data_uri(plots['psnr_per_level.svg'].encode(), 'image/svg+xml')}">
 </div>
+<p><a href="viewer.html">Open the live viewer</a>: the {len(shown)} best image(s), each drawn in the browser from
+its weights (WebGL 2): pan, zoom past the original resolution, and any level of detail.</p>
 <p class="muted">Codecs encode the same pixels the MR-Net was fitted to, at the highest quality whose file fits in the
 MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is higher; red: the codec's is.</p>
 <h2>Comparison</h2>

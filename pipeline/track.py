@@ -210,7 +210,7 @@ def artifacts(out, cfg_id):
     with store.output(out, "report/summary.parquet") as f, pq.ParquetWriter(f, schema) as writer:
         for batch in rows:  # a batch at a time: memory does not grow with the collection
             writer.write_batch(batch)
-    names = ["report/summary.parquet", "report.html", "contact_sheet.png", "report/rate_distortion.svg",
+    names = ["report/summary.parquet", "report.html", "viewer.html", "contact_sheet.png", "report/rate_distortion.svg",
              "report/psnr_per_level.svg"]
     return [n for n in names if store.exists(out, n)]
 

@@ -37,6 +37,28 @@ def _deterministic():
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium's executable: skipped where it is missing, but required under CI (.ci/run installs it)."""
+    import shutil
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing under CI (.ci/run installs Debian's chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium); required under CI")
+    return found
+
+
+def dump_dom(browser, url, profile, budget_ms=5000):
+    """The page's DOM after its scripts ran, from headless Chromium (no network, a profile of its own)."""
+    import subprocess
+    return subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+        capture_output=True, text=True, timeout=180).stdout
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """One local Ray of 2 CPUs and no GPU, shared by the modules that need no other: each start costs seconds, and
     so do Ray Data's own actors on a fresh Ray's first job. Those modules run last (below), after every module that

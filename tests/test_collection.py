@@ -20,7 +20,7 @@ from pipeline import store, track
 from pipeline.cli import main
 from pipeline.compare import CURVES, IMAGES
 
-from conftest import sample
+from conftest import dump_dom, sample
 
 SAMPLES = ("astronaut.png", "camera.png", "rocket.jpg")  # RGB, grey, JPEG
 ENCODE = ["--preset", "fast", "--levels", "2", "--size", "32"]
@@ -226,24 +226,11 @@ def test_a_tracking_server_that_never_answers_costs_the_job_its_deadline_only(jo
     assert seconds < 60, seconds
 
 
-def chromium():
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def test_report_renders_in_headless_chromium_with_its_images(job, tmp_path):
+def test_report_renders_in_headless_chromium_with_its_images(job, tmp_path, browser):
     _, out = job
-    browser = chromium()
-    if not browser:
-        if os.environ.get("CI"):
-            pytest.fail("chromium is missing under CI (.ci/run installs Debian's chromium)")
-        pytest.skip("chromium not installed (apt-get install chromium); required under CI")
     html = (out / "report.html").read_text()
     assert not re.search(r'src="(?!data:)', html)  # self-contained: every image is a data URI
-    dom = subprocess.run(
-        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
-         (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = dump_dom(browser, (out / "report.html").as_uri(), tmp_path / "profile")
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[:500]
     ok, total = map(int, loaded.groups())
@@ -254,6 +241,10 @@ def test_report_renders_in_headless_chromium_with_its_images(job, tmp_path):
     assert ok == total == 2 + fitting + 3 and fitting >= 3 * 2
     assert "rate-distortion plot" in dom and "astronaut.png" in dom and "Failures (0)" in dom
     assert "At equal bytes" in dom and "q " in dom
+    # The report's live viewer holds the three images, best first, and draws them.
+    assert 'href="viewer.html"' in html and (out / "viewer.html").exists()
+    viewer = dump_dom(browser, (out / "viewer.html").as_uri(), tmp_path / "profile")
+    assert 'data-ready="yes"' in viewer and viewer.count("<option") == 3
 
 
 def copies(job_out, out, n):

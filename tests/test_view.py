@@ -1,0 +1,83 @@
+"""`mrnet view`: the page draws the MR-Net in the browser (WebGL 2), and a frame it draws matches `mrnet render`
+for the same size, window and level of detail within 1/255, in headless Chromium (a software renderer here)."""
+import base64
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import dump_dom, sample
+from mrnet_core.config import make_config
+from mrnet_core.encode import encode
+from mrnet_core.modelfile import load
+from mrnet_core.render import render
+from pipeline.cli import main
+
+
+def frame(browser, page, tmp_path, width, height, t, window):
+    """RGB pixels [H, W, 3] in [0, 1] of one frame the page draws for the test hook."""
+    url = f"{page.as_uri()}#frame={width}x{height},{t},{','.join(map(str, window))}"
+    dom = dump_dom(browser, url, tmp_path / "profile")
+    error = re.search(r'data-error="([^"]*)"', dom)
+    assert error is None, error.group(1)
+    found = re.search(r'data-frame="([^"]*)"', dom)
+    assert found, dom[:500]
+    pixels = np.frombuffer(base64.b64decode(found.group(1)), np.uint8).reshape(height, width, 4)
+    return pixels[..., :3].astype(np.float64) / 255
+
+
+def reference(model, width, height, t, window):
+    out = render(model, width, height, t=t, window=window, index=0).clamp(0, 1)
+    return out.expand(3, -1, -1).permute(1, 2, 0).double().numpy()
+
+
+def model_file(tmp_path, name, preset, overrides, channels=3):
+    image = sample("coffee.png", 24)
+    image = image.mean(0, keepdim=True) if channels == 1 else image
+    cfg = make_config(preset, {"levels": 2, "max_epochs": [30, 30], **overrides})
+    _, blobs = encode(image[None], cfg, device="cpu")
+    path = tmp_path / f"{name}.mrnet"
+    path.write_bytes(blobs[0])
+    return path
+
+
+@pytest.mark.parametrize("model, channels", [("m", 3), ("l", 1), ("f", 3)])
+def test_a_frame_drawn_by_the_page_matches_mrnet_render(tmp_path, browser, model, channels):
+    path = model_file(tmp_path, "a<b>&'c", "fast", {"model": model, "first": [8, 12], "hidden": [8, 12],
+                                                          "weight_bits": 8, "qat_epochs": 2}, channels)
+    page = tmp_path / "view.html"
+    assert main(["view", str(path), "--out", str(page)]) == 0
+    decoded, _ = load(path)
+    for width, height, t, window in [(40, 28, 1.6, (-1.3, -1.0, 1.2, 0.7)), (32, 32, 2.0, (-0.2, -0.1, 0.1, 0.2)),
+                                     (24, 20, 0.5, (-1.0, -1.0, 1.0, 1.0))]:
+        drawn, expected = frame(browser, page, tmp_path, width, height, t, window), reference(decoded, width, height,
+                                                                                             t, window)
+        assert np.abs(drawn - expected).mean() <= 1 / 255, (width, height, t)
+        assert t < 1 or drawn.std() > 0.01  # a picture, not a blank frame
+
+
+def test_a_periodic_texture_keeps_tiling_while_panned(tmp_path, browser):
+    path = model_file(tmp_path, "tile", "texture", {"first": [8, 12], "hidden": [8, 12]})
+    page = tmp_path / "view.html"
+    assert main(["view", str(path), "--out", str(page)]) == 0
+    home = frame(browser, page, tmp_path, 24, 24, 2.0, (-1, -1, 1, 1))
+    panned = frame(browser, page, tmp_path, 24, 24, 2.0, (1, -3, 3, -1))  # one period right and one up
+    assert np.abs(home - panned).mean() <= 1 / 255
+    assert np.abs(home - reference(load(path)[0], 24, 24, 2.0, (-1, -1, 1, 1))).mean() <= 1 / 255
+
+
+def test_a_hostile_name_cannot_end_the_page_script():
+    from pipeline.viewer import page
+    html = page([{"name": "</script><script>alert(1)</script>"}], title="<img src=x onerror=alert(1)>")
+    assert "</script><script>alert(1)" not in html and "<img src=x" not in html
+
+
+def test_bad_view_arguments_are_one_line(tmp_path, capsys):
+    assert main(["view", str(tmp_path / "missing.mrnet"), "--out", str(tmp_path / "v.html")]) == 1
+    assert main(["view", str(tmp_path), "--out", str(tmp_path / "v.html")]) == 2  # a folder with no encode job
+    assert main(["view", str(tmp_path), "--out", str(tmp_path / "v.png")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and "missing.mrnet" in err[0] and "no manifest.json" in err[1] and ".html" in err[2]
+    assert not list(tmp_path.glob("*.html"))
+    torch.manual_seed(0)
