@@ -3,10 +3,26 @@ import torch
 import torch.nn.functional as F
 
 
+LOSSLESS_DB = 120.0  # what `psnr` gives identical images (their squared error is taken as 1e-12)
+
+
 def psnr(a, b):
-    """Peak signal-to-noise ratio in dB of [B, C, H, W] images in [0, 1]: one value per image."""
+    """Peak signal-to-noise ratio in dB of [B, C, H, W] images in [0, 1]: one value per image; LOSSLESS_DB for
+    identical images."""
     mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).square().flatten(1).mean(1)
     return -10 * torch.log10(mse.clamp_min(1e-12))
+
+
+def is_lossless(db):
+    """Whether a PSNR says the images were identical: such a figure is a label ("lossless"), never averaged."""
+    return db is not None and db >= LOSSLESS_DB - 1e-3
+
+
+def lossy_mean(values):
+    """(mean of the PSNRs that are not lossless or None, how many were lossless): means of PSNR leave out exact
+    matches, which would otherwise count as 120 dB."""
+    lossy = [v for v in values if v is not None and not is_lossless(v)]
+    return (sum(lossy) / len(lossy) if lossy else None), sum(is_lossless(v) for v in values)
 
 
 def _gaussian_window(size, sigma, device):

@@ -28,6 +28,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mrnet_core.config import ConfigError, make_config
+from mrnet_core.metrics import lossy_mean
 
 from . import store, track
 from .console import init_ray
@@ -128,9 +129,8 @@ def summary_table(rows, configs):
                  "bpp": statistics.fmean(r["bpp"] for r in mine),
                  "psnr": [statistics.fmean(r["psnr"][k] for r in full) for k in range(levels)]}
         for c in CODECS:
-            scored = [r[f"{c}_psnr"] for r in mine if r[f"{c}_psnr"] is not None]
-            entry[c] = statistics.fmean(scored) if scored else None
-            entry[f"{c}_missing"] = len(mine) - len(scored)
+            entry[c], entry[f"{c}_lossless"] = lossy_mean([r[f"{c}_psnr"] for r in mine])
+            entry[f"{c}_missing"] = sum(r[f"{c}_psnr"] is None for r in mine)
         entry["beats_jpeg"] = sum(r["jpeg_psnr"] is not None and r["psnr"][-1] >= r["jpeg_psnr"] for r in mine)
         out.append(entry)
     return out
@@ -225,6 +225,8 @@ def html_table(table):
         for c in CODECS:
             cls = versus(e["psnr"][-1], e[c])
             missing = f' <span class="muted">({e[f"{c}_missing"]} too small)</span>' if e[f"{c}_missing"] else ""
+            if e[f"{c}_lossless"]:
+                missing += f' <span class="muted">({e[f"{c}_lossless"]} lossless)</span>'
             cells.append(f"<td{cls}>{fmt(e[c])}{missing}</td>")
         cells.append(f"<td>{e['beats_jpeg']} / {e['images'] - e['jpeg_missing']}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

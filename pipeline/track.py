@@ -26,6 +26,8 @@ import time
 import numpy as np
 import pyarrow.dataset as pads
 
+from mrnet_core.metrics import lossy_mean
+
 from . import store
 
 ATTEMPTS = 3
@@ -186,10 +188,14 @@ def aggregates(out, cfg_id, summary):
     columns = [f"{c}_{k}" for c in CODECS for k in ("psnr", "bpp")]  # only what the means need
     compared = store.read_table(out, "comparison/images", columns, is_config, IMAGES).to_pydict()
     for codec in CODECS:
-        values = [v for v in compared.get(f"{codec}_psnr", []) if v is not None]
-        if values:
-            m[f"{codec}/psnr_at_budget/mean"] = float(np.mean(values))
-            m[f"{codec}/bpp_at_budget/mean"] = float(np.mean([v for v in compared[f"{codec}_bpp"] if v is not None]))
+        mean, lossless = lossy_mean(compared.get(f"{codec}_psnr", []))
+        if mean is not None:  # exact matches are counted, not averaged in as 120 dB
+            m[f"{codec}/psnr_at_budget/mean"] = mean
+        if compared.get(f"{codec}_psnr"):
+            m[f"{codec}/lossless_at_budget"] = lossless
+            bpps = [v for v in compared[f"{codec}_bpp"] if v is not None]
+            if bpps:
+                m[f"{codec}/bpp_at_budget/mean"] = float(np.mean(bpps))
     return {k: float(v) for k, v in m.items()}
 
 

@@ -1,4 +1,5 @@
-"""The hand-drawn SVG plots (pipeline/plots.py): round ticks, and a legend that stays out of the data's way."""
+"""The report's figures: hand-drawn SVG plots (pipeline/plots.py) on round ticks with a legend out of the data's
+way, and exact codec matches shown as lossless rather than averaged in as 120 dB."""
 import re
 
 from pipeline.plots import H, linear_ticks, log_ticks, svg_plot
@@ -21,3 +22,22 @@ def test_the_legend_lies_below_the_axes_and_every_point_within_them():
     points_y = [float(y) for y in re.findall(r'cy="([\d.]+)"', svg)]
     assert len(legend_y) == 4 and min(legend_y) > H - 12 and max(legend_y) + 10 <= height
     assert points_y and max(points_y) < H - 40
+
+
+def test_exact_codec_matches_are_lossless_labels_not_120_db_in_means():
+    import torch
+
+    from mrnet_core.metrics import LOSSLESS_DB, is_lossless, lossy_mean, psnr
+    from pipeline.compare import CODECS
+    from pipeline.report import table_row
+    x = torch.rand(1, 3, 8, 8)
+    assert is_lossless(psnr(x, x).item()) and not is_lossless(psnr(x, x * 0.9).item())
+    assert lossy_mean([30.0, LOSSLESS_DB, None, 32.0]) == (31.0, 1)
+    assert lossy_mean([LOSSLESS_DB]) == (None, 1)
+    row = {"uri": "a.png", "width": 8, "height": 8, "model_bytes": 10, "bpp": 1.25, "psnr": [30.0], "ssim": [0.9],
+           "ratio_raw": 19.2, "ratio_file": 3.0, "note": None}
+    for c in CODECS:
+        row.update({f"{c}_quality": 100, f"{c}_bpp": 1.0, f"{c}_psnr": 28.0, f"{c}_note": None})
+    row["avif_psnr"] = LOSSLESS_DB
+    cells = table_row(row)
+    assert cells.count(">lossless<") == 1 and "120.00" not in cells
