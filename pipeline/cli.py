@@ -5,6 +5,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -268,8 +269,8 @@ def cmd_view(args):
     from pipeline.collection import pick_config
 
     out = Path(args.out)
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise ConfigError(f"--out: {out}: name an .html file")
+    if out.suffix.lower() not in (".html", ".htm") or out.is_dir():
+        raise ConfigError(f"--out: {out}: name an .html file (not a folder)")
     if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
         raise ConfigError(f"--out: {out.parent} is not a folder this user can write to")
     if not 1 <= args.limit <= MAX_VIEWER_IMAGES:
@@ -279,8 +280,8 @@ def cmd_view(args):
         source = source if has_scheme(source) else os.path.abspath(source)
         try:
             config_id, _ = pick_config(source, args.config_id)
-        except (FileNotFoundError, KeyError) as e:
-            raise ConfigError(e.args[0]) from None
+        except (FileNotFoundError, KeyError, ValueError) as e:  # ValueError: store.CorruptFile, a bad manifest
+            raise ConfigError(e.args[0] if e.args else str(e)) from None
         given = prior.load(args.prior) if args.prior else None
         entries, total = viewer.entries_from_out(source, config_id, limit=args.limit, given=given,
                                                  log=lambda line: print(line, file=sys.stderr))
@@ -291,8 +292,13 @@ def cmd_view(args):
         model, meta = _load_model(source, args.prior)
         entries, total = [viewer.model_entry(Path(source).stem, model, meta)], 1
     data = viewer.page(entries, title=f"MR-Net viewer: {Path(source).name}").encode()
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(data)
+    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as f:
+        tmp = Path(f.name)  # a fresh name of its own (O_EXCL): never a file or link already there
+        try:
+            f.write(data)
+        except BaseException:
+            tmp.unlink()
+            raise
     os.replace(tmp, out)
     print(f"wrote {out}: {len(entries)} of {total} model(s), {len(data):,} bytes; open it in a browser with WebGL 2")
     return 0

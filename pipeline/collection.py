@@ -50,10 +50,11 @@ def pick_config(out, config_id=None):
     """(config_id, its manifest entry): the one asked for, else the last run's."""
     manifest = store.read_manifest(out)
     configs = manifest.get("configs", {})
-    if not configs:
+    if not configs or not isinstance(configs, dict):
         raise FileNotFoundError(f"{out}: no manifest.json with encodings; run `mrnet encode ... --out {out}` first")
-    config_id = config_id or manifest.get("last_run", {}).get("config_id") or next(iter(configs))
-    if config_id not in configs:
+    last = manifest.get("last_run")
+    config_id = config_id or (last.get("config_id") if isinstance(last, dict) else None) or next(iter(configs))
+    if not isinstance(config_id, str) or config_id not in configs:
         raise KeyError(f"{out}: config {config_id} is not in manifest.json (known: {', '.join(configs)})")
     return config_id, configs[config_id]
 
@@ -80,7 +81,7 @@ def row_architecture(row):
         raise BadRow("image_id is not 64 lowercase hex digits")
     try:
         architecture = json.loads(row.get("architecture"))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         architecture = None
     if not isinstance(architecture, dict):
         raise BadRow("architecture is not a JSON object")

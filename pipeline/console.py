@@ -32,10 +32,6 @@ def init_ray(address=None, **options):
     """Start or join Ray (`address`: None or "local" for a local one), quietly unless -v was given."""
     import ray
     import ray.data  # configures its loggers on import: before quieting them
-    if not VERBOSE:
-        # The driver's core worker logs in C++ (an "E" line for every Ray Data actor pool, for one); a user's own
-        # setting of this variable wins.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     ray.init(address=address, log_to_driver=False, logging_level=logging.INFO if VERBOSE else logging.ERROR,
              **options)
     if not VERBOSE:

@@ -9,6 +9,7 @@ COLORS = {"mrnet": "#d62728", "jpeg": "#1f77b4", "webp": "#2ca02c", "avif": "#94
 NAMES = {"mrnet": "MR-Net", "jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
 W, H, M = 520, 340, 50  # the axes' box and margin; the legend band is added below
 LEGEND_ROW = 16
+LIMIT = 1e12  # points beyond it are not drawn (no figure here comes near it; hostile rows might)
 
 
 def _step(span, count):
@@ -20,11 +21,11 @@ def _step(span, count):
 
 def linear_ticks(lo, hi, count=5, integer=False):
     """(axis low, axis high, ticks): round ticks, the axis widened to the nearest ones outside the data."""
-    if hi - lo < 1e-9:
-        lo, hi = lo - 1, hi + 1
+    if hi - lo <= 1e-9 * max(1.0, abs(lo), abs(hi)):  # one value: an axis around it
+        lo, hi = lo - max(1.0, abs(lo) / 10), hi + max(1.0, abs(hi) / 10)
     step = max(1, round(_step(hi - lo, count))) if integer else _step(hi - lo, count)
     first, last = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
-    ticks = [round(first + i * step, 10) for i in range(int(round((last - first) / step)) + 1)]
+    ticks = [float(f"{first + i * step:.12g}") for i in range(int(round((last - first) / step)) + 1)]
     return first, last, ticks
 
 
@@ -32,11 +33,12 @@ def log_ticks(lo, hi):
     """(axis low, axis high, ticks) of a log axis over [lo, hi] (positive): 1-2-5 steps, or decades alone when
     those would be crowded; the axis ends at the nearest ticks outside the data."""
     low, high = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    every = max(1, math.ceil((high - low + 1) / 9))  # decades between ticks, so that there are 10 at most
     for mantissas in ((1, 2, 5), (1,)):
-        candidates = [m * 10.0 ** e for e in range(low - 1, high + 1) for m in mantissas]
+        candidates = [m * 10.0 ** e for e in range(low - every, high + every, every) for m in mantissas]
         below = max(c for c in candidates if c <= lo * (1 + 1e-9))
         above = min(c for c in candidates if c >= hi * (1 - 1e-9))
-        ticks = [round(c, 12) for c in candidates if below <= c <= above]
+        ticks = [float(f"{c:.12g}") for c in candidates if below <= c <= above]
         if len(ticks) <= 9:
             break
     if len(ticks) < 2:
@@ -64,8 +66,9 @@ def _legend_rows(names):
 def svg_plot(series, xlabel, ylabel, logx=False, title="", integer_x=False):
     """An SVG line/point plot. series: [(name, color, [(x, y)], 'line' | 'points')]; unnamed series have no
     legend entry."""
-    def valid(x, y):  # a point the axes can show: finite numbers, and x above 0 on a log axis
-        return x is not None and y is not None and math.isfinite(x) and math.isfinite(y) and (x > 0 or not logx)
+    def valid(x, y):  # a point the axes can show: numbers within +-1e12, and x of 1e-12 or more on a log axis
+        return (x is not None and y is not None and abs(x) <= LIMIT and abs(y) <= LIMIT
+                and (x >= 1 / LIMIT or not logx))
 
     pts = [(x, y) for _, _, xy, _ in series for x, y in xy if valid(x, y)]
     if not pts:

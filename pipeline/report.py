@@ -5,10 +5,12 @@ best, median and worst images beside each codec at the same bytes, every image w
 the failures and the config. The plots (`plots.py`) are also written to OUT/report/ so they can be logged as
 artifacts.
 """
+import io
 import json
 import statistics
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import torch
 from PIL import Image
@@ -56,7 +58,7 @@ def name_of(uri):
 def strip_img(out, image_id):
     if not store.is_image_id(image_id):  # it names a folder: anything else could point outside OUT
         return '<span class="muted">no thumbnails</span>'
-    data = store.read_bytes(out, f"thumbnails/{image_id}/strip.png")
+    data = store.read_small(out, f"thumbnails/{image_id}/strip.png", THUMBNAIL_BYTES)
     if data is None:
         return '<span class="muted">no thumbnails</span>'
     return f'<img alt="levels of {esc(image_id[:12])}" src="{data_uri(data, "image/png")}">'
@@ -90,6 +92,7 @@ def table_row(r):
 EMBEDDED_STRIPS = 200  # level strips embedded in the page; later images link to OUT/thumbnails/ (a big job's page
 # would otherwise hold every thumbnail it made)
 CROP = 64  # side of the equal-bytes crops, in pixels of the image
+THUMBNAIL_BYTES = 64 << 20  # a thumbnail PNG larger than this was not written by render-collection: not read
 CROP_ZOOM = 3
 
 
@@ -109,6 +112,8 @@ def image_entry(out, r, embed=True):
 def most_detailed_window(image, side):
     """(top, left) of the side x side window of [C, H, W] with the most detail (gradient energy), on a half-side
     grid."""
+    if min(image.shape[1:]) < 2:  # no differences to measure
+        return 0, 0
     grey = image.mean(0)
     energy = (grey[1:, :-1] - grey[:-1, :-1]).abs() + (grey[:-1, 1:] - grey[:-1, :-1]).abs()
     stride = max(1, side // 2)
@@ -128,18 +133,19 @@ def crops(out, r, size):
         original = original_pixels(r["uri"], size)
     except (OSError, ValueError) as e:
         return title + f'<p class="muted">original not shown: {esc(e)}</p>'
-    render = store.read_bytes(out, f"thumbnails/{r['image_id']}/level_{len(r['psnr']) - 1}.png")
+    render = store.read_small(out, f"thumbnails/{r['image_id']}/level_{len(r['psnr']) - 1}.png", THUMBNAIL_BYTES)
     if render is None or tuple(original.shape) != (r["channels"], r["height"], r["width"]):
         return title + '<p class="muted">the original or its render changed since it was compared</p>'
-    side = min(CROP, r["width"], r["height"])
-    top, left = most_detailed_window(original, side)
-    window = (slice(None), slice(top, top + side), slice(left, left + side))
     try:
+        with Image.open(io.BytesIO(render)) as im:  # the header alone: a planted file of another size is not decoded
+            if im.size != (r["width"], r["height"]):
+                return title + '<p class="muted">its render is not the size of the image</p>'
         rendered = decoded(render, r["channels"])
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return title + f'<p class="muted">its render cannot be read: {esc(e)}</p>'
-    if tuple(rendered.shape) != tuple(original.shape):
-        return title + '<p class="muted">its render is not the size of the image</p>'
+    side = min(CROP, r["width"], r["height"])
+    top, left = most_detailed_window(original, side)
+    window = (slice(None), slice(top, top + side), slice(left, left + side))
     shown = [("original", original), (f"MR-Net, {fmt(r['psnr'][-1])} dB", rendered)]
     for c in CODECS:
         best, _ = best_at_budget(original, c, r["model_bytes"])
@@ -165,8 +171,11 @@ def write_report(out, config_id):
     table shows them; rows become dicts a slice at a time as the page is written. Curves and failures are read
     a batch at a time."""
     is_config = pads.field("config_id") == config_id
-    images = store.read_table(out, "comparison/images", REPORT_COLUMNS, is_config, IMAGES).sort_by("uri")
+    images = store.read_table(out, "comparison/images", REPORT_COLUMNS, is_config, IMAGES)
+    # Rows written by someone else may lack what every row has: such rows are left out of the page.
+    images = images.filter(pc.and_(pc.is_valid(images["uri"]), pc.is_valid(images["model_bytes"]))).sort_by("uri")
     psnr, bpp = images.column("psnr").to_pylist(), images.column("bpp").to_pylist()
+    psnr = [p if p and None not in p else None for p in psnr]  # a level without a figure: not compared
     scored = [i for i, p in enumerate(psnr) if p]
     failed = sum(b.num_rows for b in batches(out, "failures", ["uri"], is_config, store.FAILURES))
     manifest = store.read_manifest(out)
@@ -182,7 +191,11 @@ def write_report(out, config_id):
     size = manifest.get("configs", {}).get(config_id, {}).get("size")
     uris = images.column("uri").to_pylist()
     shown, _ = entries_from_out(out, config_id, [uris[i] for i in ranked], VIEWER_IMAGES, log=lambda line: None)
-    store.write_bytes(out, "viewer.html", viewer_page(shown, title="MR-Net viewer: best first").encode())
+    if shown:
+        store.write_bytes(out, "viewer.html", viewer_page(shown, title="MR-Net viewer: best first").encode())
+    viewer_link = (f'<p><a href="viewer.html">Open the live viewer</a>: the {len(shown)} best image(s), each drawn '
+                   'in the browser from its weights (WebGL 2): pan, zoom past the original resolution, and any level '
+                   'of detail.</p>' if shown else "")
 
     def mean(values):
         values = [v for v in values if v is not None]
@@ -215,8 +228,7 @@ def write_report(out, config_id):
 <img alt="rate-distortion plot" src="{data_uri(plots['rate_distortion.svg'].encode(), 'image/svg+xml')}">
 <img alt="PSNR per level" src="{data_uri(plots['psnr_per_level.svg'].encode(), 'image/svg+xml')}">
 </div>
-<p><a href="viewer.html">Open the live viewer</a>: the {len(shown)} best image(s), each drawn in the browser from
-its weights (WebGL 2): pan, zoom past the original resolution, and any level of detail.</p>
+{viewer_link}
 <p class="muted">Codecs encode the same pixels the MR-Net was fitted to, at the highest quality whose file fits in the
 MR-Net's bytes, and are scored at full resolution. Green: the MR-Net's PSNR is higher; red: the codec's is.</p>
 <h2>Comparison</h2>

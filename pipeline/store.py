@@ -152,6 +152,13 @@ def file_size(out, name):
     return info.size if info.type == pafs.FileType.File else None
 
 
+def read_small(out, name, limit):
+    """The bytes of OUT/name when it is a regular file of at most `limit` bytes, else None: a FIFO, a folder or a
+    huge file planted there is never opened."""
+    size = file_size(out, name)
+    return None if size is None or size > limit else read_bytes(out, name)
+
+
 def exists(out, name):
     """Whether OUT/name is a file."""
     return file_size(out, name) is not None

@@ -11,6 +11,7 @@ pixels (rows top to bottom, base64) into <body data-frame>, so a headless browse
 """
 import base64
 import json
+import re
 
 import numpy as np
 
@@ -115,25 +116,32 @@ def entries_from_out(out, config_id, uris=None, limit=VIEWER_IMAGES, given=None,
 
     from . import store
     from .collection import BadRow, load_row
+    is_config = pads.field("config_id") == config_id
+    listed = {u for u in store.read_table(out, "encodings", ["uri"], is_config).column("uri").to_pylist()
+              if isinstance(u, str)}
+    order = [u for u in uris if u in listed] if uris is not None else sorted(listed)
+    chosen = order[: limit * 2]  # weights only of the rows that may be shown (some may be unusable)
     rows = store.read_table(out, "encodings", ["image_id", "uri", "architecture", "weights", "prior_id"],
-                            pads.field("config_id") == config_id).to_pylist()
-    by_uri = {r["uri"]: r for r in rows if isinstance(r["uri"], str)}
-    order = [u for u in uris if u in by_uri] if uris is not None else sorted(by_uri)
+                            is_config & pads.field("uri").isin(chosen)).to_pylist() if chosen else []
+    by_uri = {r["uri"]: r for r in rows}
     entries = []
-    for uri in order[:limit]:
+    for uri in chosen:
+        if len(entries) == limit:
+            break
         try:
             model, meta = load_row(by_uri[uri], out, given)
         except BadRow as e:
-            log(f"view: warning: {uri}: {e}; not shown")
+            log(f"view: warning: {uri!r}: {e}; not shown")
             continue
         entries.append(model_entry(uri.rstrip("/").rsplit("/", 1)[-1], model, meta))
-    return entries, len(by_uri)
+    return entries, len(listed)
 
 
 def page(entries, title="MR-Net viewer"):
     """The standalone viewer page for model entries (`model_entry`)."""
-    data = json.dumps(entries).replace("</", "<\\/")  # never closes the script element, whatever a name holds
-    return PAGE.replace("{{TITLE}}", esc(title)).replace("{{DATA}}", data).replace("{{TW}}", str(TEXTURE_WIDTH))
+    # No "<" at all in the script's data: no name can close the element or open a comment that hides its end.
+    values = {"TITLE": esc(title), "DATA": json.dumps(entries).replace("<", "\\u003c"), "TW": str(TEXTURE_WIDTH)}
+    return re.sub(r"\{\{(TITLE|DATA|TW)\}\}", lambda m: values[m[1]], PAGE)  # one pass: values are never re-read
 
 
 PAGE = """<!doctype html>

@@ -41,3 +41,24 @@ def test_exact_codec_matches_are_lossless_labels_not_120_db_in_means():
     row["avif_psnr"] = LOSSLESS_DB
     cells = table_row(row)
     assert cells.count(">lossless<") == 1 and "120.00" not in cells
+
+
+def test_the_report_never_opens_a_planted_fifo_or_crops_a_one_pixel_image(tmp_path):
+    import os
+
+    import torch
+
+    from pipeline.report import crops, most_detailed_window, strip_img
+    image_id = "ab" * 32
+    folder = tmp_path / "thumbnails" / image_id
+    folder.mkdir(parents=True)
+    os.mkfifo(folder / "strip.png")  # reading it would block for ever
+    os.mkfifo(folder / "level_0.png")
+    assert "no thumbnails" in strip_img(str(tmp_path), image_id)
+    from PIL import Image
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    row = {"image_id": image_id, "uri": str(tmp_path / "a.png"), "psnr": [30.0], "bpp": 2.0, "model_bytes": 16,
+           "channels": 3, "width": 8, "height": 8}
+    assert "changed since it was compared" in crops(str(tmp_path), row, None)
+    assert most_detailed_window(torch.rand(3, 1, 40), 1) == (0, 0)
+    assert most_detailed_window(torch.rand(3, 40, 1), 1) == (0, 0)

@@ -69,15 +69,24 @@ def test_a_periodic_texture_keeps_tiling_while_panned(tmp_path, browser):
 
 def test_a_hostile_name_cannot_end_the_page_script():
     from pipeline.viewer import page
-    html = page([{"name": "</script><script>alert(1)</script>"}], title="<img src=x onerror=alert(1)>")
-    assert "</script><script>alert(1)" not in html and "<img src=x" not in html
+    html = page([{"name": "</script><script>alert(1)</script>"}, {"name": "<!--<script>"}],
+                title="{{DATA}}<img src=x onerror=alert(1)>")
+    assert "</script><script>alert(1)" not in html and "<img src=x" not in html and "<!--" not in html
+    assert html.count('"name"') == 2  # the data once, in the script: a title holding {{DATA}} is not expanded
+    assert html.count("<script>") == 1 and html.count("</script>") == 1
 
 
 def test_bad_view_arguments_are_one_line(tmp_path, capsys):
     assert main(["view", str(tmp_path / "missing.mrnet"), "--out", str(tmp_path / "v.html")]) == 1
     assert main(["view", str(tmp_path), "--out", str(tmp_path / "v.html")]) == 2  # a folder with no encode job
     assert main(["view", str(tmp_path), "--out", str(tmp_path / "v.png")]) == 2
+    (tmp_path / "folder.html").mkdir()
+    assert main(["view", str(tmp_path), "--out", str(tmp_path / "folder.html")]) == 2
+    (tmp_path / "manifest.json").write_text("[1, 2]")  # a manifest that is not a JSON object
+    assert main(["view", str(tmp_path), "--out", str(tmp_path / "v.html")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and "missing.mrnet" in err[0] and "no manifest.json" in err[1] and ".html" in err[2]
-    assert not list(tmp_path.glob("*.html"))
+    assert len(err) == 5 and "missing.mrnet" in err[0] and "no manifest.json" in err[1] and ".html" in err[2]
+    assert "not a folder" in err[3] and "manifest.json" in err[4]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.glob("*.html") if p.is_file()]
     torch.manual_seed(0)
