@@ -21,6 +21,7 @@ def is_lossless(db):
 def lossy_mean(values):
     """(mean of the PSNRs that are not lossless or None, how many were lossless): means of PSNR leave out exact
     matches, which would otherwise count as 120 dB."""
+    values = list(values)
     lossy = [v for v in values if v is not None and not is_lossless(v)]
     return (sum(lossy) / len(lossy) if lossy else None), sum(is_lossless(v) for v in values)
 

@@ -266,7 +266,6 @@ def cmd_study(args):
 
 def cmd_view(args):
     from pipeline import viewer
-    from pipeline.collection import pick_config
 
     out = Path(args.out)
     if out.suffix.lower() not in (".html", ".htm") or out.is_dir():
@@ -277,6 +276,7 @@ def cmd_view(args):
         raise ConfigError(f"--limit: must be from 1 to {MAX_VIEWER_IMAGES}, not {args.limit}")
     source = args.source
     if has_scheme(source) or os.path.isdir(source):  # an encode job's OUT
+        from pipeline.collection import pick_config  # loads Ray: only for a job's output
         source = source if has_scheme(source) else os.path.abspath(source)
         try:
             config_id, _ = pick_config(source, args.config_id)
