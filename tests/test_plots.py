@@ -13,6 +13,18 @@ def test_ticks_are_round_numbers_that_enclose_the_data():
     assert log_ticks(0.05, 3000)[2] == [0.01, 0.1, 1, 10, 100, 1000, 10000]  # 1-2-5 would crowd: decades
 
 
+def test_extreme_or_single_values_give_a_few_ticks_and_never_raise():
+    for lo, hi in [(1e17, 1e17), (5.0, 5.0), (-3.0, -3.0), (0.0, 0.0), (-1e11, 1e11)]:
+        first, last, ticks = linear_ticks(lo, hi)
+        assert first <= lo <= hi <= last and first < last and 2 <= len(ticks) <= 12
+    for lo, hi in [(1e-12, 1e12), (2.0, 2.0), (1e-3, 1e-3)]:
+        first, last, ticks = log_ticks(lo, hi)
+        assert first <= lo and hi <= last and 2 <= len(ticks) <= 12 and all(t > 0 for t in ticks)
+    svg = svg_plot([("a", "#000", [(1e-300, 1.0), (1e300, 2.0), (float("nan"), 3.0), (2.0, 5.0), (3.0, 6.0)],
+                     "line")], "x", "y", logx=True)
+    assert svg.count("<circle") == 2  # only the points an axis can show
+
+
 def test_the_legend_lies_below_the_axes_and_every_point_within_them():
     series = [(f"a long series name number {i}", "#000", [(0.5 + i, 20 + i), (2 + i, 30 + i)], "line")
               for i in range(4)]
@@ -62,3 +74,24 @@ def test_the_report_never_opens_a_planted_fifo_or_crops_a_one_pixel_image(tmp_pa
     assert "changed since it was compared" in crops(str(tmp_path), row, None)
     assert most_detailed_window(torch.rand(3, 1, 40), 1) == (0, 0)
     assert most_detailed_window(torch.rand(3, 40, 1), 1) == (0, 0)
+
+
+def test_comparison_rows_from_elsewhere_without_uri_bytes_or_figures_do_not_break_the_report(tmp_path):
+    import json
+
+    from pipeline import store
+    from pipeline.compare import CODECS, IMAGES
+    from pipeline.report import write_report
+    config_id = "0123456789abcdef"
+    (tmp_path / "manifest.json").write_text(json.dumps({"configs": {config_id: {"fit": {}, "size": 32}}}))
+    base = {n: None for n in IMAGES.names}
+    rows = [{**base, "image_id": "cd" * 32, "uri": "kept.png", "config_id": config_id, "model_bytes": 100,
+             "bpp": 1.0, "psnr": [25.0, None], "ssim": [0.5, None]},  # a level without a figure: not compared
+            {**base, "image_id": "ef" * 32, "uri": None, "config_id": config_id, "model_bytes": 100},
+            {**base, "image_id": "ab" * 32, "uri": "nobytes.png", "config_id": config_id}]
+    for c in CODECS:
+        rows[0][f"{c}_psnr"] = 120.0
+    store.write_part(str(tmp_path), "comparison/images", "part-0.parquet", rows, IMAGES)
+    html = (tmp_path / "report.html").read_text() if write_report(str(tmp_path), config_id) else ""
+    assert "Images (1)" in html and "kept.png" in html and "nobytes.png" not in html
+    assert "viewer.html" not in html  # no encodings row to draw: no viewer page, and no link to one
