@@ -296,6 +296,7 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
                                                    "prior_ref": [ray.put(prior.data)] if prior else None})
         progress = Progress("encode", listed)
         for report in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            stop_if_terminated()
             if lease_lost is not None and lease_lost.is_set():
                 raise LeaseLost(f"{out}: this job lost its lease on the folder (it expired or another job took "
                                 f"it over); stopped")
@@ -304,6 +305,7 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
             seen = totals["done"] + totals["failed"] + totals["deferred"] + totals["skipped"]
             progress.update(seen, f"{totals['done']} done, {totals['failed']} failed, {totals['skipped']} skipped")
         progress.close()
+        stop_if_terminated()
     fs, path = filesystem(listing)
     fs.delete_dir(path)
     if not fs.get_file_info(pafs.FileSelector(path.rsplit("/", 1)[0])):
@@ -367,6 +369,22 @@ def cmd_encode(args):
         return encode_holding(args, out, cfg, job, log, lease_lost)
 
 
+# Set by SIGTERM. The handler's SystemExit is lost when the signal lands while Python runs a finaliser or a weakref
+# callback ("Exception ignored in ..."), so the job also stops at its next check of this flag (`stop_if_terminated`).
+TERMINATED = threading.Event()
+
+
+def stop_if_terminated():
+    """SystemExit(143) once SIGTERM has arrived within `exit_on_sigterm`."""
+    if TERMINATED.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
+
+
+def _on_sigterm(signum, frame):
+    TERMINATED.set()
+    sys.exit(128 + signum)
+
+
 @contextmanager
 def exit_on_sigterm():
     """Within the block, SIGTERM (a scheduler stopping or pre-empting the job) ends the job like Ctrl-C: the lease
@@ -375,11 +393,19 @@ def exit_on_sigterm():
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    TERMINATED.clear()
+    previous, previous_hook = signal.signal(signal.SIGTERM, _on_sigterm), sys.unraisablehook
+
+    def quiet_lost_exit(unraisable):  # our exit, lost in a finaliser: the flag stops the job, so no traceback
+        if not (isinstance(unraisable.exc_value, SystemExit) and TERMINATED.is_set()):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = quiet_lost_exit
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
 
 
 def encode_holding(args, out, cfg, job, log, lease_lost):
@@ -391,9 +417,11 @@ def encode_holding(args, out, cfg, job, log, lease_lost):
     try:
         run_settings = {k: v for k, v in job.items() if k not in ("preset", "wait", "tracking_deadline")}
         summary = run(args.input, out, cfg, log=log, lease_lost=lease_lost, **run_settings)
+        stop_if_terminated()
         if not getattr(args, "no_render", False):
             from .collection import render_collection
             summary["render"] = render_collection(out, summary["config_id"], log=log)
+            stop_if_terminated()
     except BaseException:
         if tracker["run_id"]:
             track.retried("mark run failed", lambda: track.client_for(out).set_terminated(tracker["run_id"], "FAILED"),

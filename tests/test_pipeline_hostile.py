@@ -164,3 +164,26 @@ def test_sigterm_ends_a_job_with_its_lease_released_and_its_run_marked_failed(tm
     client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mrnet-out").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_a_sigterm_lost_in_a_finaliser_still_stops_the_job(capfd):
+    """Python drops an exception raised in a weakref callback ("Exception ignored in ..."): SIGTERM's exit landing
+    there must still end the job, at its next check, and print no traceback."""
+    import gc
+    import signal
+    import weakref
+
+    from pipeline.encode import exit_on_sigterm, stop_if_terminated
+
+    class Thing:
+        pass
+
+    with pytest.raises(SystemExit) as stopped:
+        with exit_on_sigterm():
+            thing = Thing()
+            ref = weakref.ref(thing, lambda _: os.kill(os.getpid(), signal.SIGTERM) or sum(range(1000)))
+            del thing
+            gc.collect()
+            assert ref() is None  # the callback ran, and its SystemExit was swallowed
+            stop_if_terminated()
+    assert stopped.value.code == 143 and "Traceback" not in capfd.readouterr().err
