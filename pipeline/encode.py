@@ -403,7 +403,8 @@ def exit_on_sigterm():
     sys.unraisablehook = quiet_lost_exit
     try:
         yield
-    finally:
+    finally:  # outside the block nothing stops on the flag (a study or a test runs jobs in this process after)
+        TERMINATED.clear()
         signal.signal(signal.SIGTERM, previous)
         sys.unraisablehook = previous_hook
 

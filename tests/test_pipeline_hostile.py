@@ -187,3 +187,4 @@ def test_a_sigterm_lost_in_a_finaliser_still_stops_the_job(capfd):
             assert ref() is None  # the callback ran, and its SystemExit was swallowed
             stop_if_terminated()
     assert stopped.value.code == 143 and "Traceback" not in capfd.readouterr().err
+    stop_if_terminated()  # outside the block the flag is down again: later jobs in this process run
