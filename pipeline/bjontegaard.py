@@ -20,9 +20,9 @@ import math
 
 import numpy as np
 
-# mrnet_core.metrics.psnr clamps the MSE at 1e-12, so identical images score -10 log10(1e-12) = 120 dB (rounded
-# to 3 decimals by compare.score): that value means "exact", not a measured quality.
-EXACT_PSNR = 120.0
+from mrnet_core.metrics import LOSSLESS_DB, is_lossless
+
+EXACT_PSNR = LOSSLESS_DB  # what identical images score: "exact", not a measured quality (metrics.is_lossless)
 
 Curve = list[tuple[float, float]]
 
@@ -31,7 +31,7 @@ def clean(curve: Curve) -> list[tuple[float, float]]:
     """(log rate, PSNR) of the points that can enter an integral."""
     return [(math.log(r), p) for r, p in curve
             if r is not None and p is not None and math.isfinite(r) and math.isfinite(p) and r > 0
-            and abs(p - EXACT_PSNR) > 1e-3]
+            and not is_lossless(p)]
 
 
 def as_function(points: list[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
