@@ -65,8 +65,7 @@ def valid_files():
     """{name: bytes} of the two unmutated model files."""
     arch = make_config("fast", {"levels": 3}).architecture(3)
     model = MRNet(arch, batch=1, seed=7)
-    meta = {"width": WIDTH, "height": HEIGHT, "channels": 3, "levels": [[12, 16], [24, 32], [48, 64]],
-            "border": "reflect"}
+    meta = modelfile.ImageMeta(WIDTH, HEIGHT, 3, 3)
     return {"float32": modelfile.to_bytes(model, meta), "6-bit": modelfile.to_bytes(model, meta, 6)}
 
 

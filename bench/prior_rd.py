@@ -56,7 +56,7 @@ def codecs_at(image, nbytes):
 def ablation(image, prior, cfg, record):
     """Full-resolution PSNR at the architecture and budget `record` used: no prior (random draw), prior init with
     absolute weights, and prior init with residuals (the record itself)."""
-    arch = Architecture.from_dict(json.loads(record["architecture"]))
+    arch = Architecture.from_dict(json.loads(record.architecture))
     rung_cfg = replace(cfg, first=tuple(s.first for s in arch.stages), hidden=tuple(s.hidden[0] for s in arch.stages),
                        target_bpp=0.0, weight_bits=8)
     budget = math.floor(cfg.target_bpp * image.shape[1] * image.shape[2] / 8)
@@ -66,8 +66,8 @@ def ablation(image, prior, cfg, record):
         model.requires_grad_(False)
         finetune(model, image[None], 8, fit["epochs"], fit["lr"], fit["batch_pixels"], cfg.levels, cfg.border, 0)
         records, _ = measure(model, image[None], rung_cfg, budget=budget, finer=True)  # stored as the prior's
-        out[name] = records[0]["levels"][-1]["psnr"]
-    out["residual"] = record["levels"][-1]["psnr"]
+        out[name] = records[0].levels[-1].psnr
+    out["residual"] = record.levels[-1].psnr
     return out
 
 
@@ -105,9 +105,9 @@ def main():
             records, blobs = encode(image[None], cfg, prior=prior)
             seconds = time.perf_counter() - start
             r = records[0]
-            row = {"photo": name, "rate": rate, "variant": "prior", "bpp": r["bpp"], "seconds": round(seconds, 1),
-                   "psnr_levels": [lv["psnr"] for lv in r["levels"]], "psnr": r["levels"][-1]["psnr"],
-                   "params": r["params"], "weight_bits": r["weight_bits"], "coarser": r["rate"]["coarser"],
+            row = {"photo": name, "rate": rate, "variant": "prior", "bpp": r.bpp, "seconds": round(seconds, 1),
+                   "psnr_levels": [lv.psnr for lv in r.levels], "psnr": r.levels[-1].psnr,
+                   "params": r.params, "weight_bits": r.weight_bits, "coarser": r.rate.coarser,
                    **codecs_at(image, len(blobs[0]))}
             row["codec_curves"] = {c: [(p["bpp"], p["psnr"]) for p in curves(image, "", "") if p["codec"] == c]
                                    for c in CODECS}
@@ -119,9 +119,9 @@ def main():
         start = time.perf_counter()
         records, blobs = encode(image[None], cfg)
         r = records[0]
-        emit({"photo": name, "rate": args.compact, "variant": "compact", "bpp": r["bpp"],
-              "seconds": round(time.perf_counter() - start, 1), "psnr_levels": [lv["psnr"] for lv in r["levels"]],
-              "psnr": r["levels"][-1]["psnr"], "params": r["params"], **codecs_at(image, len(blobs[0]))})
+        emit({"photo": name, "rate": args.compact, "variant": "compact", "bpp": r.bpp,
+              "seconds": round(time.perf_counter() - start, 1), "psnr_levels": [lv.psnr for lv in r.levels],
+              "psnr": r.levels[-1].psnr, "params": r.params, **codecs_at(image, len(blobs[0]))})
     report(results, rates)
 
 

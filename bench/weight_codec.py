@@ -21,7 +21,6 @@ from mrnet_core.config import make_config
 from mrnet_core.encode import measure
 from mrnet_core.fit import fit
 from mrnet_core.images import read_image, resize_long_side
-from mrnet_core.pyramid import level_sizes
 from mrnet_core.rate import scaled
 
 
@@ -47,8 +46,7 @@ def main():
     print(f"{args.image} at {image.shape[-1]}x{image.shape[-2]}: {fitted.arch.params():,} parameters, "
           f"fitted in {time.perf_counter() - start:.1f} s")
     h, w = image.shape[-2:]
-    meta = {"width": w, "height": h, "border": cfg.border,
-            "levels": [list(s) for s in level_sizes(h, w, levels=cfg.levels)[::-1]]}
+    meta = modelfile.ImageMeta(w, h, image.shape[-3], cfg.levels, cfg.border)
     print("| storage | bytes | bpp | bits/param | PSNR per level (dB) | encode ms | decode ms |")
     print("|---|---|---|---|---|---|---|")
     rows = [(32, 0), (16, 0), (8, 0), (8, args.qat_epochs), (6, 0), (6, args.qat_epochs), (5, args.qat_epochs),
@@ -64,7 +62,7 @@ def main():
         t2 = time.perf_counter()
         record = measure(model, image, cfg, bits)[0][0]
         name = {32: "float32", 16: "float16"}.get(bits, f"{bits}-bit" + (f", {qat} QAT epochs" if qat else ", rounded"))
-        levels = " / ".join(f"{lv['psnr']:.2f}" for lv in record["levels"])
+        levels = " / ".join(f"{lv.psnr:.2f}" for lv in record.levels)
         print(f"| {name} | {len(blob):,} | {8 * len(blob) / (h * w):.3f} | "
               f"{8 * len(blob) / fitted.arch.params():.2f} | "
               f"{levels} | {1000 * (t1 - t0):.1f} | {1000 * (t2 - t1):.1f} |")

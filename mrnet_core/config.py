@@ -4,7 +4,11 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .network import MODELS, Architecture, StageSpec
+from .latent import LatentArchitecture
+from .network import MODELS as MRNET_MODELS
+from .network import Architecture, StageSpec
+
+MODELS = {**MRNET_MODELS, "g": "latent pyramid"}  # what `model` may name: the MR-Nets and latent.py's pyramids
 
 
 class ConfigError(ValueError):
@@ -69,6 +73,7 @@ BOUNDS = {
     "qat_lr": Bound(float, 0, MAX_LR, above_low=True),
     "target_bpp": Bound(float, 0, MAX_TARGET_BPP),
     "target_psnr": Bound(float, 0, MAX_TARGET_PSNR),
+    "rate_weight": Bound(float, 0, 1),
 }
 PER_STAGE = ("first", "hidden", "omega_0", "lr", "max_epochs")
 
@@ -79,7 +84,7 @@ def _show(value):
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_number(key, value, bound):
+def check_number(key: str, value: object, bound: Bound) -> int | float:
     """`value` as `bound.kind` when it is a number within `bound`; ConfigError naming the key otherwise.
 
     Booleans are not numbers, and an int key takes a float only when it is a whole number (JSON may write 2.0).
@@ -137,8 +142,12 @@ class FitConfig:
     # Where each image starts: "auto" (the shipped default prior for quantised encodes it has rungs for, else
     # none), "none" (a random draw, fitted stage by stage), "default", or the path of a prior file (`prior.py`).
     prior: str = "auto"
+    # Latent pyramids (model "g") only: the weight of the latents' bits per pixel against the squared error (lambda
+    # of the rate-distortion loss). Higher: smaller files. Their MLP has hidden_layers layers of the finest `hidden`
+    # width, and fits for the finest max_epochs (steps) at the finest lr.
+    rate_weight: float = 0.003
 
-    def validate(self):
+    def validate(self) -> "FitConfig":
         """This config with every number checked against BOUNDS (per-stage keys as tuples), and the keys checked
         together; ConfigError naming the key, the value and what is allowed otherwise."""
         checked = {key: _checked(key, getattr(self, key)) for key in BOUNDS}
@@ -157,6 +166,8 @@ class FitConfig:
         if cfg.periodic and cfg.weight_bits <= 8:
             raise ConfigError("weight_bits: periodic models keep float weights (32 or 16): their frequencies stay "
                               "integers")
+        if cfg.model == "g":
+            return cfg._validate_latent()
         if cfg.target == "laplacian" and cfg.model == "m":
             raise ConfigError("target: M-Net stages build on each other and need gaussian targets")
         if cfg.periodic and cfg.model == "f":
@@ -174,14 +185,33 @@ class FitConfig:
                               "layers")
         return cfg
 
-    def per_stage(self, key):
+    def _validate_latent(self) -> "FitConfig":
+        """The checks of a latent pyramid's config (`validate` has checked every number already)."""
+        if self.target_bpp or self.target_psnr:
+            raise ConfigError("target_bpp, target_psnr: a latent pyramid's rate is set by rate_weight; rate control "
+                              "for model g is not built yet")
+        if self.prior not in ("auto", "none"):
+            raise ConfigError(f"prior: latent pyramids start from no prior, not {_show(self.prior)}")
+        if self.target != "gaussian" or self.hidden_layers < 1:
+            raise ConfigError("target, hidden_layers: a latent pyramid fits gaussian levels with at least one hidden "
+                              "layer")
+        if self.hidden_layers > 4 or self.per_stage("hidden")[-1] > 1024:
+            raise ConfigError("hidden_layers, hidden: a latent pyramid's MLP has at most 4 layers of at most 1024")
+        return self
+
+    def latent_architecture(self, channels: int, height: int, width: int) -> LatentArchitecture:
+        """The latent pyramid (model "g") of this config for an image of height x width."""
+        hidden = (int(self.per_stage("hidden")[-1]),) * self.hidden_layers
+        return LatentArchitecture(channels, width, height, self.levels, hidden, self.periodic)
+
+    def per_stage(self, key: str) -> list:
         """A per-stage list of `levels` entries, finest-aligned (see the note on `first`)."""
         values = list(getattr(self, key))[-self.levels :]
         while len(values) < self.levels:
             values.insert(0, values[0] / 2 if key == "omega_0" else values[0])
         return values
 
-    def architecture(self, channels):
+    def architecture(self, channels: int) -> Architecture:
         hidden = self.per_stage("hidden") if self.model != "s" else [0] * self.levels
         layers = self.hidden_layers if self.model != "s" else 0
         stages = tuple(
@@ -190,8 +220,11 @@ class FitConfig:
         )
         return Architecture(self.model, channels, stages, float(self.omega_hidden), periodic=self.periodic)
 
-    def to_dict(self):
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+    def to_dict(self) -> dict:
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if self.model != "g":  # a key MR-Nets do not read: left out, so their config ids stay as they were
+            del out["rate_weight"]
+        return out
 
 
 # Model-specific defaults: similar parameter budgets (about 160K for RGB at 3 levels).
@@ -204,6 +237,9 @@ _MODEL_DEFAULTS = {
     # over 1e-3 in the same epochs (astronaut, 64 to 256 px).
     "f": {"first": (128, 192, 256), "hidden": (128, 192, 256), "omega_0": (10.0, 20.0, 40.0),
           "lr": (1e-2, 1e-2, 1e-2)},
+    # Latent pyramids: 7 grids (a 256 px image down to 4 px), an MLP of two layers of 16, 3,000 Adam steps at 1e-2
+    # (bench/latent_probe.py; about 4 minutes for a 256 px photo on one CPU core).
+    "g": {"levels": 7, "hidden": (16,), "hidden_layers": 2, "max_epochs": (3000,), "lr": (1e-2,)},
 }
 
 PRESETS = {
@@ -222,7 +258,7 @@ PRESETS = {
 }
 
 
-def load_file(path):
+def load_file(path: Path | str) -> tuple[dict, dict]:
     """(fit keys, other tables) from a TOML or JSON config file.
 
     Fit keys sit at the top level or in a [fit] table; other tables (such as the pipeline's [job]) come back as
@@ -244,7 +280,7 @@ def load_file(path):
     return (flat if fit is None else fit), tables
 
 
-def make_config(preset="default", overrides=None, model=None):
+def make_config(preset: str = "default", overrides: dict | None = None, model: str | None = None) -> FitConfig:
     """Resolve preset, then model defaults, then overrides (a dict, e.g. from `load_file` and CLI flags)."""
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {_show(preset)}; choose one of {', '.join(PRESETS)}")

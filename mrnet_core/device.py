@@ -17,7 +17,7 @@ class DeviceError(RuntimeError):
     """A device that cannot be used as asked: the message is one line that names it and the cause."""
 
 
-def resolve(device=None):
+def resolve(device: str | torch.device | None = None) -> torch.device:
     """torch.device for `device` (a name such as "cpu" or "cuda:1"), or CUDA where torch can use it, else the CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,7 +36,7 @@ def resolve(device=None):
     return device
 
 
-def use_full_precision():
+def use_full_precision() -> None:
     """IEEE fp32 for CUDA matrix products and cuDNN convolutions (the pyramid's blur, SSIM).
 
     TF32 keeps 10 mantissa bits: inside sin(30 x) that is a visible phase error, and cuDNN convolutions use TF32 by
@@ -46,7 +46,7 @@ def use_full_precision():
     torch.backends.cudnn.conv.fp32_precision = "ieee"
 
 
-def available_memory(device):
+def available_memory(device: str | torch.device | None) -> int:
     """Bytes an encode may use on `device` now: a share of the GPU's free memory, or of the machine's."""
     device = resolve(device)
     if device.type == "cuda":
@@ -54,7 +54,7 @@ def available_memory(device):
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * CPU_MEMORY_SHARE)
 
 
-def cuda_unusable_reason():
+def cuda_unusable_reason() -> str | None:
     """Why torch cannot use a CUDA device here, in a phrase; None when it can."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
@@ -63,19 +63,19 @@ def cuda_unusable_reason():
     return None
 
 
-def is_out_of_memory(error):
+def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is an allocation that failed: CUDA's out-of-memory, or the CPU allocator's."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
     return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
-def is_device_fault(error):
+def is_device_fault(error: BaseException) -> bool:
     """Whether `error` is a device failure other than out of memory, after which the device is unusable."""
     return isinstance(error, torch.AcceleratorError) and not is_out_of_memory(error)
 
 
-def release(device):
+def release(device: str | torch.device | None) -> None:
     """Return what a failed attempt held: its tensors to the allocator, and cached GPU blocks to the device."""
     gc.collect()
     if resolve(device).type == "cuda":

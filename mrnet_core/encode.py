@@ -1,37 +1,86 @@
 """Encode a batch of same-sized images: fit, then measure every level against the original's pyramid."""
+import copy
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from . import device as devices
+from . import latent
 from . import prior as priors
 from .config import ConfigError, FitConfig
 from .fit import fit
 from .memory import encode_memory_bytes, max_batch
 from .metrics import psnr, seam, ssim
-from .modelfile import from_bytes, stored_weight_bits, to_bytes
-from .pyramid import gaussian_pyramid, level_sizes
+from .modelfile import ImageMeta, from_bytes, stored_weight_bits, to_bytes
+from .pyramid import gaussian_pyramid
 from .quantize import BATCH_PIXELS, finetune
-from .rate import encode_at_rate, prior_rungs, within_budget
+from .network import Architecture, MRNet
+from .prior import Prior
+from .rate import RateChoice, encode_at_rate, prior_rungs, within_budget
 from .render import render
+
+
+@dataclass(frozen=True)
+class LevelQuality:
+    """One level of detail of a stored model against the original's Gaussian pyramid level (`level_metrics`)."""
+    width: int
+    height: int
+    psnr: float
+    ssim: float
+    seam: float
+
+
+@dataclass(frozen=True)
+class StageFit:
+    """One stage's share of a batched fit: its parameters, the epochs this image got, and seconds per image."""
+    params: int
+    epochs: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """One image's encode, beside its model file: sizes, and every level's quality (coarse to fine) measured on the
+    stored model. `coarser` is how many codes coarser (negative: finer) its steps were stored to fit a budget;
+    `rate` is set by rate control (`rate.encode_at_rate`); the times are the batch's, shared evenly."""
+    width: int
+    height: int
+    channels: int
+    model: str
+    architecture: str  # `Architecture.to_json()`
+    params: int
+    prior_id: str | None
+    weight_bits: int  # of the stored weights; 0 for a latent pyramid, whose values are integers on their own steps
+    model_bytes: int
+    raw_bytes: int
+    bpp: float
+    levels: tuple[LevelQuality, ...]
+    coarser: int | None = None
+    rate: "RateChoice | None" = None
+    fit_seconds: float = 0.0
+    batch: int = 1
+    stages: tuple[StageFit, ...] = ()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class FitDiverged(ValueError):
     """A fit that ended with weights that are not finite numbers: no model of it may be stored."""
 
 
-def check_finite(model):
+def check_finite(model: MRNet) -> None:
     """FitDiverged unless every weight of `model` is a finite number."""
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise FitDiverged("the fit diverged (weights that are not finite numbers); try a smaller lr")
 
 
 @torch.no_grad()
-def level_metrics(model, images, cfg: FitConfig):
-    """Per image, coarse to fine: {width, height, psnr, ssim, seam} of level k (t = k + 1) against Gaussian
-    level k (the finest level against the original pixels themselves); seam is `metrics.seam` of the render.
-    """
+def level_metrics(model: MRNet, images: torch.Tensor, cfg: FitConfig) -> list[list[LevelQuality]]:
+    """Per image of [B, C, H, W], coarse to fine: the quality of level k (t = k + 1) against Gaussian level k (the
+    finest level against the original pixels themselves); seam is `metrics.seam` of the render."""
     gaussians = gaussian_pyramid(images.to(next(model.parameters()).device), cfg.levels, border=cfg.border)[::-1]
     rows = [[] for _ in range(images.shape[0])]
     for k, target in enumerate(gaussians):
@@ -39,11 +88,13 @@ def level_metrics(model, images, cfg: FitConfig):
         out = render(model, w, h, t=k + 1).clamp(0, 1)
         figures = zip(psnr(out, target).tolist(), ssim(out, target).tolist(), seam(out).tolist())
         for row, (p, s, m) in zip(rows, figures):
-            row.append({"width": w, "height": h, "psnr": round(p, 3), "ssim": round(s, 4), "seam": round(m, 3)})
+            row.append(LevelQuality(w, h, round(p, 3), round(s, 4), round(m, 3)))
     return rows
 
 
-def encode(images, cfg: FitConfig, device=None, progress=None, budget=None, prior=None):
+def encode(images: torch.Tensor, cfg: FitConfig, device: str | torch.device | None = None,
+           progress: Callable[[int, int, torch.Tensor], None] | None = None, budget: int | None = None,
+           prior: Prior | None = None) -> tuple[list[Encoding], list[bytes]]:
     """Fit one MR-Net per image of [B, C, H, W]: (records, model files as bytes), one of each per image.
 
     Weights of 8 bits or fewer are fine-tuned through the quantiser after the fit (`cfg.qat_epochs`); a rate target
@@ -54,6 +105,8 @@ def encode(images, cfg: FitConfig, device=None, progress=None, budget=None, prio
     `model_bytes` is the real size of the stored model file, and the levels' quality is that of the stored model;
     times are the batch's wall time shared evenly among its images (`batch` says how many were fitted together).
     """
+    if cfg.model == "g":
+        return encode_latent(images, cfg, device, progress)
     if cfg.target_bpp or cfg.target_psnr:
         return encode_at_rate(images, cfg, lambda im, c, budget: encode(im, c, device, progress, budget, prior),
                               prior)
@@ -70,14 +123,33 @@ def encode(images, cfg: FitConfig, device=None, progress=None, budget=None, prio
     check_finite(model)
     seconds = time.perf_counter() - start
     records, blobs = measure(model, images, cfg, budget=budget, prior=prior)
-    for i, r in enumerate(records):
-        r.update(fit_seconds=round(seconds / len(records), 3), batch=len(records),
-                 stages=[{"params": s.params, "epochs": s.epochs[i], "seconds": round(s.seconds / len(records), 3)}
-                         for s in reports])
+    b = len(records)
+    records = [replace(r, fit_seconds=round(seconds / b, 3), batch=b,
+                       stages=tuple(StageFit(s.params, s.epochs[i], round(s.seconds / b, 3)) for s in reports))
+               for i, r in enumerate(records)]
     return records, blobs
 
 
-def fit_from_prior(images, cfg: FitConfig, prior, device):
+def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
+                  progress: Callable[[int, int, torch.Tensor], None] | None = None
+                  ) -> tuple[list[Encoding], list[bytes]]:
+    """`encode` for latent pyramids (cfg.model "g", `latent.py`): fit the batch, quantise each image's MLP, store."""
+    start = time.perf_counter()
+    images = images.to(devices.resolve(device))
+    arch = cfg.latent_architecture(*images.shape[1:])
+    steps, lr = int(cfg.per_stage("max_epochs")[-1]), float(cfg.per_stage("lr")[-1])
+    model = latent.fit(images, arch, cfg.rate_weight, steps, lr, border=cfg.border, seed=cfg.seed,
+                       progress=None if progress is None else lambda step, loss: progress(0, step, loss))
+    latent.quantise_weights(model, images, cfg.rate_weight)
+    check_finite(model)
+    seconds = time.perf_counter() - start
+    records, blobs = measure(model, images, cfg)
+    b = len(records)
+    return [replace(r, fit_seconds=round(seconds / b, 3), batch=b, stages=(StageFit(arch.params(), steps, 0.0),))
+            for r in records], blobs
+
+
+def fit_from_prior(images: torch.Tensor, cfg: FitConfig, prior: Prior, device: str | torch.device | None) -> MRNet:
     """A batched MR-Net of cfg's architecture started from `prior`'s rung for it and fitted by its joint phase."""
     arch = cfg.architecture(images.shape[1])
     problem = prior_problem(cfg, arch, prior)
@@ -90,14 +162,14 @@ def fit_from_prior(images, cfg: FitConfig, prior, device):
     return model
 
 
-def choose_prior(cfg: FitConfig, channels=3):
+def choose_prior(cfg: FitConfig, channels: int = 3) -> Prior | None:
     """The `prior.Prior` images of `cfg` are encoded from, or None; ConfigError (one line) for a bad one.
 
     cfg.prior: "none"; "default" (the prior shipped with the package); a path to a prior file; or "auto", which is
     the default prior for quantised encodes (weight_bits 8 or fewer, or a rate target) when it has rungs for cfg's
     family, and none otherwise."""
     name = cfg.prior
-    if name == "none":
+    if name == "none" or cfg.model == "g":  # latent pyramids have no prior (their config allows none or auto)
         return None
     if name in ("auto", "default"):
         try:
@@ -128,7 +200,7 @@ def choose_prior(cfg: FitConfig, channels=3):
     raise ConfigError(f"prior: {problem}")
 
 
-def prior_problem(cfg: FitConfig, arch, prior):
+def prior_problem(cfg: FitConfig, arch: Architecture | None, prior: Prior) -> str | None:
     """Why images of `cfg` cannot be encoded from `prior` at architecture `arch`, or None."""
     if cfg.weight_bits > 8:
         return f"a prior codes quantised weights: weight_bits must be 8 or fewer, not {cfg.weight_bits}"
@@ -139,15 +211,17 @@ def prior_problem(cfg: FitConfig, arch, prior):
     return None
 
 
-def measure(model, images, cfg: FitConfig, bits=None, budget=None, prior=None, finer=None):
+def measure(model: MRNet, images: torch.Tensor, cfg: FitConfig, bits: int | None = None, budget: int | None = None,
+            prior: Prior | None = None, finer: bool | None = None) -> tuple[list[Encoding], list[bytes]]:
     """(records, model files) of a fitted batched model stored at `bits` (default cfg.weight_bits): sizes, and
-    every level's quality measured on the stored model, not the trained one. `model` ends up holding the stored
-    weights. With a `budget` (bytes; quantised weights only) records say how much coarser the steps had to be
+    every level's quality measured on the stored model, not the trained one (`model` itself is left as it is).
+    With a `budget` (bytes; quantised weights only) records say how much coarser the steps had to be
     (negative: finer, which an encode from a `prior` does, or any with `finer`; see `rate.within_budget`)."""
     bits = bits or cfg.weight_bits
+    if cfg.model == "g":  # stored as fitted: integer latents, weights on their step (`latent.quantise_weights`)
+        bits = 32
     b, c, h, w = images.shape
-    meta = {"width": w, "height": h, "channels": c, "border": cfg.border,
-            "levels": [list(size) for size in level_sizes(h, w, levels=cfg.levels)[::-1]]}
+    meta = ImageMeta(w, h, c, cfg.levels, cfg.border)
     if budget:
         finer = prior is not None if finer is None else finer
         blobs, coarser = zip(*(within_budget(model, meta, bits, i, budget, prior, finer)
@@ -156,6 +230,7 @@ def measure(model, images, cfg: FitConfig, bits=None, budget=None, prior=None, f
         blobs, coarser = [to_bytes(model, meta, bits, index=i, prior=prior) for i in range(b)], None
     stored_bits = [bits] * b
     if bits != 32:
+        model = copy.deepcopy(model)  # measured as stored; the caller's model stays as trained
         with torch.no_grad():
             for i, blob in enumerate(blobs):
                 stored = from_bytes(blob, prior=prior)[0]
@@ -163,13 +238,14 @@ def measure(model, images, cfg: FitConfig, bits=None, budget=None, prior=None, f
                 for p, q in zip(model.parameters(), stored.parameters()):
                     p[i].copy_(q[0])
     levels = level_metrics(model, images, cfg)
-    records = [{"width": w, "height": h, "channels": c, "model": cfg.model, "architecture": model.arch.to_json(),
-                "params": model.arch.params(), "prior_id": None if prior is None else prior.prior_id,
-                "weight_bits": stored_bits[i], "model_bytes": len(blob), "raw_bytes": w * h * c,
-                "bpp": round(8 * len(blob) / (w * h), 4), "levels": levels[i]} for i, blob in enumerate(blobs)]
-    for r, k in zip(records, coarser or ()):
-        r["coarser"] = k
-    return records, blobs
+    coarser = coarser or [None] * b
+    if cfg.model == "g":
+        stored_bits = [0] * b  # no weight width: see `Encoding.weight_bits`
+    records = [Encoding(w, h, c, cfg.model, model.arch.to_json(), model.arch.params(),
+                        None if prior is None else prior.prior_id, stored_bits[i], len(blob), w * h * c,
+                        round(8 * len(blob) / (w * h), 4), tuple(levels[i]), coarser[i])
+               for i, blob in enumerate(blobs)]
+    return records, list(blobs)
 
 
 @dataclass(frozen=True)
@@ -181,7 +257,11 @@ class Failure:
     retry: bool = False
 
 
-def encode_in_batches(images, cfg: FitConfig, device=None, memory_bytes=None, progress=None, encode_fn=encode):
+def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.device | None = None,
+                      memory_bytes: int | None = None,
+                      progress: Callable[[int, int, torch.Tensor], None] | None = None,
+                      encode_fn: Callable[..., tuple[list[Encoding], list[bytes]]] = encode
+                      ) -> list[tuple[Encoding, bytes] | Failure]:
     """Encode images [B, C, H, W] in batches that fit the device: per image, (record, model file) or a `Failure`.
 
     Batches are sized by the memory model (`memory.max_batch`) against `memory_bytes` (default: what the device

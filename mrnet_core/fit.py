@@ -7,13 +7,14 @@ its own loss and its own stopping point; Adam is per-element, so a batched fit e
 """
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from . import device as devices
 from .config import FitConfig
-from .network import MRNet
+from .network import MRNet, Stage
 from .pyramid import gaussian_pyramid, laplacian_from_gaussian, pixel_grid
 
 
@@ -25,7 +26,7 @@ class StageReport:
     loss: list = field(default_factory=list)  # per image: final mean squared error on the stage's target
 
 
-def level_targets(images, cfg: FitConfig):
+def level_targets(images: torch.Tensor, cfg: FitConfig) -> list[torch.Tensor]:
     """Per-stage targets, coarse to fine: Gaussian levels, or Laplacian bands for Laplacian targets."""
     gaussians = gaussian_pyramid(images, levels=cfg.levels, border=cfg.border)
     levels = laplacian_from_gaussian(gaussians, cfg.border) if cfg.target == "laplacian" else gaussians
@@ -38,10 +39,11 @@ def _buffer(work, name, shape, like):
     t = work.get(name)
     if t is None or t.shape != shape:
         t = work[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-    return t
+    return t  # [*shape]
 
 
-def loss_and_grads(stage, x, basis, target, weight, work=None):
+def loss_and_grads(stage: Stage, x: torch.Tensor, basis: torch.Tensor | None, target: torch.Tensor,
+                   weight: torch.Tensor, work: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Per-image mean squared error of `stage` against target [B, N, C], with gradients set on the stage's weights.
 
     The stage is small and fixed in shape, so its backward pass is written out by hand rather than left to
@@ -52,45 +54,54 @@ def loss_and_grads(stage, x, basis, target, weight, work=None):
     A fixed first layer (`Stage.fixed_first`) gets no gradients, and the backward pass stops above it.
     """
     work = {} if work is None else work
-    weights, biases, omegas = stage.weights, stage.biases, stage.omegas
+    # Shapes: B images, P = n pixels sampled this step, C channels. Layer j's weight is [B, fan_in, fan_out] and its
+    # bias [B, fan_out] (the output layer, weights[-1], has fan_out = C). Its input h is [B, P, own] with own = fan_in,
+    # except M-Net's layer 1, whose h is [B, P, own] and whose other fan_in - own rows read basis [B, P, fan_in - own].
+    weights, biases, omegas = stage.weights, stage.biases, stage.omegas  # len(weights) = len(omegas) + 1
     first = 1 if stage.fixed_first else 0  # the first layer that trains
-    b, n = target.shape[:2]
+    b, n = target.shape[:2]  # B, P; target: [B, P, C], weight: [B]
+    # x: [B, P, 2] (in_features); inputs[j]: [B, P, own]; slopes[j]: [B, P, fan_out] (None for a fixed first layer)
     inputs, slopes, h = [], [], x  # slopes[j]: d h' / d z of layer j, cos(z) or (z > 0)
     for j, (omega, activation) in enumerate(zip(omegas, stage.activations)):
-        inputs.append(h)
-        w, bias = weights[j], biases[j].unsqueeze(1)
-        z = _buffer(work, f"z{j}", (b, n, w.shape[-1]), target)
+        inputs.append(h)  # [B, P, own]
+        w, bias = weights[j], biases[j].unsqueeze(1)  # [B, fan_in, fan_out], [B, 1, fan_out]
+        z = _buffer(work, f"z{j}", (b, n, w.shape[-1]), target)  # [B, P, fan_out]
         if j == 1 and basis is not None:
+            # [B, P, own] @ [B, own, fan_out], then += [B, P, fan_in - own] @ [B, fan_in - own, fan_out]
             torch.baddbmm(bias, h, w[:, : h.shape[-1]], beta=omega, alpha=omega, out=z)
             z.baddbmm_(basis, w[:, h.shape[-1] :], alpha=omega)
         else:
-            torch.baddbmm(bias, h, w, beta=omega, alpha=omega, out=z)
+            torch.baddbmm(bias, h, w, beta=omega, alpha=omega, out=z)  # [B, P, fan_in] @ [B, fan_in, fan_out]
         if activation == "sin":
             slopes.append(torch.cos(z, out=_buffer(work, f"slope{j}", z.shape, z)) if j >= first else None)
-            h = z.sin_()
+            h = z.sin_()  # [B, P, fan_out], in z's buffer
         else:
-            h = z.clamp_(min=0)
+            h = z.clamp_(min=0)  # [B, P, fan_out], in z's buffer
             slopes.append(torch.sign(h, out=_buffer(work, f"slope{j}", z.shape, z)))  # 1 where z > 0, else 0
+    # Output layer: h [B, P, fan_in] @ weights[-1] [B, fan_in, C] + biases[-1] [B, 1, C] -> [B, P, C]
     residual = torch.baddbmm(biases[-1].unsqueeze(1), h, weights[-1], out=_buffer(work, "out", target.shape, target))
-    residual.sub_(target)
-    count = residual.shape[1] * residual.shape[2]
-    per_image = residual.square().sum(dim=(1, 2)) / count
-    g = residual.mul_(weight.view(-1, 1, 1) * (2 / count))  # d loss / d output
-    weights[-1].grad = torch.bmm(h.transpose(1, 2), g)
-    biases[-1].grad = g.sum(1)
+    residual.sub_(target)  # [B, P, C]
+    count = residual.shape[1] * residual.shape[2]  # P * C
+    per_image = residual.square().sum(dim=(1, 2)) / count  # [B]
+    g = residual.mul_(weight.view(-1, 1, 1) * (2 / count))  # d loss / d output: [B, P, C]
+    weights[-1].grad = torch.bmm(h.transpose(1, 2), g)  # [B, fan_in, P] @ [B, P, C] -> [B, fan_in, C]
+    biases[-1].grad = g.sum(1)  # [B, C]
+    # d loss / d h, the output layer's input: [B, P, C] @ [B, C, fan_in] -> [B, P, fan_in]
     g = torch.bmm(g, weights[-1].transpose(1, 2), out=_buffer(work, f"grad{len(omegas) - 1}", h.shape, h))
     for j in reversed(range(first, len(omegas))):
-        omega, w, inp = omegas[j], weights[j], inputs[j]
-        g = g.mul_(slopes[j])  # d loss / d z, up to the factor omega applied below on small matrices
-        grad = torch.bmm(inp.transpose(1, 2), g)
+        omega, w, inp = omegas[j], weights[j], inputs[j]  # w: [B, fan_in, fan_out], inp: [B, P, own]
+        g = g.mul_(slopes[j])  # d loss / d z, up to the factor omega applied below on small matrices: [B, P, fan_out]
+        grad = torch.bmm(inp.transpose(1, 2), g)  # [B, own, P] @ [B, P, fan_out] -> [B, own, fan_out]
         if j == 1 and basis is not None:
+            # basis rows: [B, fan_in - own, P] @ [B, P, fan_out], stacked under the own rows: [B, fan_in, fan_out]
             grad = torch.cat([grad, torch.bmm(basis.transpose(1, 2), g)], dim=1)
-        weights[j].grad = grad.mul_(omega)
-        biases[j].grad = g.sum(1).mul_(omega)
+        weights[j].grad = grad.mul_(omega)  # [B, fan_in, fan_out]
+        biases[j].grad = g.sum(1).mul_(omega)  # [B, fan_out]
         if j > first:
-            w_own = (w[:, : inp.shape[-1]] * omega).transpose(1, 2)
+            w_own = (w[:, : inp.shape[-1]] * omega).transpose(1, 2)  # [B, fan_out, own]
+            # d loss / d h of layer j - 1 (whose fan_out is own): [B, P, fan_out] @ [B, fan_out, own] -> [B, P, own]
             g = torch.bmm(g, w_own, out=_buffer(work, f"grad{j - 1}", inp.shape, inp))
-    return per_image
+    return per_image  # [B]
 
 
 class _Adam:
@@ -121,7 +132,8 @@ def _learning_rate(start, final, epoch, max_epochs):
 
 
 @torch.no_grad()  # gradients come from `loss_and_grads`, not autograd
-def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
+def fit_stage(model: MRNet, i: int, target: torch.Tensor, cfg: FitConfig, generator: torch.Generator,
+              progress: Callable[[int, int, torch.Tensor], None] | None = None) -> StageReport:
     """Train stage i of `model` on target [B, C, h, w] (the level's Gaussian image or Laplacian band)."""
     b, c, h, w = target.shape
     device = target.device
@@ -185,7 +197,8 @@ def fit_stage(model, i, target, cfg: FitConfig, generator, progress=None):
     return StageReport(model.arch.stage_params(i), epochs.tolist(), seconds, last_loss.tolist())
 
 
-def fit(images, cfg: FitConfig, device=None, progress=None):
+def fit(images: torch.Tensor, cfg: FitConfig, device: str | torch.device | None = None,
+        progress: Callable[[int, int, torch.Tensor], None] | None = None) -> tuple[MRNet, list[StageReport]]:
     """Fit one MR-Net per image of a batch [B, C, H, W] in [0, 1]. Returns (model, stage reports)."""
     device = devices.resolve(device)
     images = images.to(device=device, dtype=torch.float32)

@@ -20,7 +20,7 @@ class ImageError(ValueError):
         self.name, self.reason, self.kind = str(name), reason, kind
 
 
-def decode(data: bytes, name="<bytes>", max_pixels=DEFAULT_MAX_PIXELS):
+def decode(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[str]]:
     """Decode image bytes into (tensor [C, H, W] float32 in [0, 1], notes). C is 1 (grey) or 3 (RGB).
 
     Notes list every conversion made (alpha composited on white, palette expanded, CMYK to RGB, 16-bit scaled,
@@ -86,7 +86,7 @@ def _to_array(im):
     return (a[..., None] if a.ndim == 2 else a), notes
 
 
-def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
+def read_image(path: Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[torch.Tensor, list[str]]:
     """Read an image file: (tensor [C, H, W], notes). Raises ImageError naming the file."""
     try:
         data = Path(path).read_bytes()
@@ -95,7 +95,7 @@ def read_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     return decode(data, os.fspath(path), max_pixels)
 
 
-def resize_long_side(image, size):
+def resize_long_side(image: torch.Tensor, size: int) -> torch.Tensor:
     """Resize [C, H, W] so that its long side is `size` pixels (anti-aliased bicubic); other sides round."""
     c, h, w = image.shape
     scale = size / max(h, w)
@@ -106,7 +106,7 @@ def resize_long_side(image, size):
     return out[0].clamp(0, 1)
 
 
-def to_pil(image):
+def to_pil(image: torch.Tensor) -> Image.Image:
     """[C, H, W] float in [0, 1] to a Pillow image (L or RGB), rounding to 8 bits."""
     a = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
@@ -117,7 +117,7 @@ WRITE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}), ".jpeg"
                  ".webp": ("WEBP", {"quality": 95})}
 
 
-def save_image(image, path):
+def save_image(image: torch.Tensor | Image.Image, path: Path | str) -> None:
     """Write [C, H, W] (or a Pillow image) in the format its suffix names (WRITE_FORMATS); ValueError for another."""
     path = Path(path)
     if path.suffix.lower() not in WRITE_FORMATS:
@@ -126,12 +126,12 @@ def save_image(image, path):
     _write(image, path, *WRITE_FORMATS[path.suffix.lower()])
 
 
-def save_png(image, path):
+def save_png(image: torch.Tensor | Image.Image, path: Path | str) -> None:
     """Write [C, H, W] (or a Pillow image) as PNG, whatever the suffix."""
     _write(image, Path(path), "PNG", {})
 
 
-def png_bytes(image):
+def png_bytes(image: torch.Tensor | Image.Image) -> bytes:
     """[C, H, W] (or a Pillow image) as the bytes of a PNG file."""
     buffer = io.BytesIO()
     (image if isinstance(image, Image.Image) else to_pil(image)).save(buffer, format="PNG")

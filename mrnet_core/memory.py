@@ -85,8 +85,23 @@ def _rate_controlled(cfg: FitConfig, channels, height, width):
     return scaled(cfg, scale)
 
 
-def encode_memory_bytes(cfg: FitConfig, channels, height, width, batch=1):
+def _latent(cfg: FitConfig, channels, height, width, batch):
+    """Elements of `encode.encode_latent`'s peak: one step of `latent.fit` holds, for every level's pixels, each
+    grid's interpolation, the MLP's activations and their gradients, and per image the latents with Adam's state;
+    measuring then holds what `_measure` counts for an MR-Net (the renders and SSIM's filtered images)."""
+    arch = cfg.latent_architecture(channels, height, width)
+    pixels = [h * w for h, w in arch.sizes]
+    per_pixel = 10 * arch.levels + 3 * sum(arch.hidden) + 4 * channels
+    state = 6 * arch.params()  # values, gradients, Adam's two moments, the noisy copies and their rounding
+    fit = batch * (sum(pixels) * per_pixel + state)
+    measure = batch * (24 * channels * pixels[-1] + channels * sum(pixels) + 6 * arch.params())
+    return max(fit, measure) + 2 * sum(pixels)
+
+
+def encode_memory_bytes(cfg: FitConfig, channels: int, height: int, width: int, batch: int = 1) -> int:
     """A bound on the peak bytes of `encode.encode` on `batch` images of height x width."""
+    if cfg.model == "g":
+        return FLOAT * (batch * channels * height * width + _latent(cfg, channels, height, width, batch))
     cfg = _rate_controlled(cfg, channels, height, width)
     arch = cfg.architecture(channels)
     pixels = [h * w for h, w in level_sizes(height, width, levels=cfg.levels)][::-1]
@@ -96,7 +111,8 @@ def encode_memory_bytes(cfg: FitConfig, channels, height, width, batch=1):
     return FLOAT * (inputs + max(phases) + coords)
 
 
-def max_batch(cfg: FitConfig, channels, height, width, memory_bytes, limit=1 << 16):
+def max_batch(cfg: FitConfig, channels: int, height: int, width: int, memory_bytes: int,
+              limit: int = 1 << 16) -> int:
     """The most images of one size (up to `limit`) that `encode.encode` takes within `memory_bytes`; 0 if none."""
     cfg = _rate_controlled(cfg, channels, height, width)
     lo, hi = 0, limit  # the answer lies in [lo, hi]; the bound grows with the batch

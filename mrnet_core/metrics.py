@@ -1,4 +1,6 @@
 """Quality and size figures: PSNR and SSIM per image, parameter and byte counts."""
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
@@ -6,19 +8,19 @@ import torch.nn.functional as F
 LOSSLESS_DB = 120.0  # what `psnr` gives identical images (their squared error is taken as 1e-12)
 
 
-def psnr(a, b):
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB of [B, C, H, W] images in [0, 1]: one value per image; LOSSLESS_DB for
     identical images."""
     mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).square().flatten(1).mean(1)
     return -10 * torch.log10(mse.clamp_min(1e-12))
 
 
-def is_lossless(db):
+def is_lossless(db: float | None) -> bool:
     """Whether a PSNR says the images were identical: such a figure is a label ("lossless"), never averaged."""
     return db is not None and db >= LOSSLESS_DB - 1e-3
 
 
-def lossy_mean(values):
+def lossy_mean(values: Iterable[float | None]) -> tuple[float | None, int]:
     """(mean of the PSNRs that are not lossless or None, how many were lossless): means of PSNR leave out exact
     matches, which would otherwise count as 120 dB."""
     values = list(values)
@@ -32,7 +34,7 @@ def _gaussian_window(size, sigma, device):
     return g / g.sum()
 
 
-def ssim(a, b, window=11, sigma=1.5):
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004, Gaussian window) of [B, C, H, W] images in [0, 1], per image.
 
     Small images use the largest odd window that fits, so coarse pyramid levels get a value too.
@@ -55,7 +57,7 @@ def ssim(a, b, window=11, sigma=1.5):
     return s.flatten(1).mean(1)
 
 
-def seam(images):
+def seam(images: torch.Tensor) -> torch.Tensor:
     """How visible the tile boundary is when [B, C, H, W] images are tiled: per image, the larger over the two
     directions of (mean jump across the boundary, last row or column to first) / (mean jump between neighbouring
     pixels inside). About 1 is seamless; a seam shows as a jump several times the typical one.

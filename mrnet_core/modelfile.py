@@ -54,16 +54,18 @@ import constriction
 import numpy as np
 import torch
 
+from . import latent
 from .images import DEFAULT_MAX_PIXELS
 from .network import MODELS, Architecture, MRNet, StageSpec, snap_periodic
 from .pyramid import level_sizes
-from .prior import ID_BYTES
+from .prior import ID_BYTES, Prior
 from .quantize import (FINE_BITS, code_to_value, column_steps, dequantise, max_symbol, quantise, tensor_bits,
                        value_to_code)
 
 MAGIC = b"\x89MRNET\r\n"
 VERSION = 4
 PRIOR_VERSION = 5  # version 4 plus the prior's id; weights are residuals from it
+LATENT_VERSION = 6  # a latent pyramid ("g"): its payload is latent.py's
 UNCHECKED_VERSION = 3  # main's format: no checksum, still read (under the same bounds) so released files keep working
 # 32 and 16: float weights; 12 to 2: quantised. Configs ask for 8 or fewer; rate control stores a model at 9 to 12
 # when its budget has room to spare (`rate.within_budget`).
@@ -94,9 +96,29 @@ _MAX_HEADER_BYTES = len(MAGIC) + 4 + _HEAD.size + MAX_STAGES * (_STAGE.size + 2 
 MAX_FILE_BYTES = _MAX_HEADER_BYTES + 4 * MAX_PARAMS + _CHECKSUM.size
 
 
-def quantised(bits):
+def quantised(bits: int) -> bool:
     """Whether weights of `bits` are stored as entropy-coded integers (else as float32 or float16)."""
     return bits <= FINE_BITS
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageMeta:
+    """What a model file records of its image besides the network: size, channels, level count and border mode.
+    `sizes` follow from them: each level's (height, width), coarse to fine (ValueError if too small for `levels`)."""
+    width: int
+    height: int
+    channels: int
+    levels: int
+    border: str = "reflect"
+    sizes: tuple = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        sizes = tuple(level_sizes(self.height, self.width, levels=self.levels)[::-1])
+        object.__setattr__(self, "sizes", sizes)
+
+    def to_dict(self) -> dict:
+        return {"width": self.width, "height": self.height, "channels": self.channels, "border": self.border,
+                "levels": [list(s) for s in self.sizes]}
 
 
 class ModelFileError(ValueError):
@@ -180,11 +202,11 @@ def _bounds_problem(model, channels, in_features, flags, omega_hidden, width, he
     return next((p for p in problems if p), None)
 
 
-def _header(arch, meta, bits, prior_id=None):
-    flags = int(arch.periodic) | 2 * (meta.get("border", "reflect") == "wrap")
+def _header(arch, meta: ImageMeta, bits, prior_id=None):
+    flags = int(arch.periodic) | 2 * (meta.border == "wrap")
     out = [MAGIC, struct.pack("<I", VERSION if prior_id is None else PRIOR_VERSION),
            _HEAD.pack(ord(arch.model), arch.channels, arch.in_features, flags,
-                      arch.omega_hidden, meta["width"], meta["height"], len(arch.stages))]
+                      arch.omega_hidden, meta.width, meta.height, len(arch.stages))]
     for s in arch.stages:
         out.append(_STAGE.pack(s.first, len(s.hidden), s.omega_0) + struct.pack(f"<{len(s.hidden)}H", *s.hidden))
     out.append(struct.pack("<B", bits))
@@ -198,19 +220,22 @@ def _seal(body):
     return body + _CHECKSUM.pack(zlib.crc32(body))
 
 
-def _meta(arch, width, height, border):
-    sizes = level_sizes(height, width, levels=len(arch.stages))[::-1]
-    return {"width": width, "height": height, "channels": arch.channels, "border": border,
-            "levels": [list(s) for s in sizes]}
-
-
-def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0, prior=None):
+def to_bytes(model: MRNet | latent.LatentNet, meta: ImageMeta, bits: int = 32, index: int = 0, coarser: int = 0,
+             prior: Prior | None = None) -> bytes:
     """Serialise image `index` of a (batched) MRNet with weights at `bits` (32, 16, or 2 to 8: quantised).
 
     `coarser` (quantised only) raises the steps of the tensors at `bits` by that many codes (`quantize.quantise`).
     With a `prior` (`prior.Prior`; quantised only) the weights are stored as residuals from its weights for this
     architecture, and the file (version 5) names the prior.
+    A latent pyramid (`latent.LatentNet`, quantised by its fit) is stored as it is (version 6): `bits`, `coarser`
+    and `prior` do not apply to it.
     """
+    if isinstance(model, latent.LatentNet):
+        a = model.arch
+        if (meta.width, meta.height, meta.channels, meta.levels) != (a.width, a.height, a.channels, a.levels):
+            raise ValueError(f"meta {meta} does not fit the latent pyramid's {a.width}x{a.height}x{a.channels}, "
+                             f"{a.levels} levels")
+        return _seal(MAGIC + struct.pack("<I", LATENT_VERSION) + latent.to_payload(model, index))
     if prior is not None and not quantised(bits):
         raise ValueError("weights coded against a prior are quantised: bits must be 8 or fewer")
     if bits not in BITS:
@@ -218,15 +243,15 @@ def to_bytes(model: MRNet, meta: dict, bits=32, index=0, coarser=0, prior=None):
     arch = model.arch
     if quantised(bits) and arch.periodic:
         raise ValueError("periodic models keep float weights (bits 32 or 16): their frequencies must stay integers")
-    problem = _bounds_problem(arch.model, arch.channels, arch.in_features, 0, arch.omega_hidden, meta["width"],
-                              meta["height"], arch.stages, bits)
+    problem = _bounds_problem(arch.model, arch.channels, arch.in_features, 0, arch.omega_hidden, meta.width,
+                              meta.height, arch.stages, bits)
     if problem is None and arch.params() > MAX_PARAMS:
         problem = f"{arch.params():,} parameters (at most {MAX_PARAMS:,})"
     if problem:
         raise ValueError(f"this model is outside what a model file may hold: {problem}")
-    expected = _meta(arch, meta["width"], meta["height"], meta.get("border", "reflect"))
-    if [list(s) for s in meta["levels"]] != expected["levels"]:
-        raise ValueError(f"meta levels {meta['levels']} do not follow from the size and stage count")
+    if (meta.levels, meta.channels) != (len(arch.stages), arch.channels):
+        raise ValueError(f"meta of {meta.levels} levels and {meta.channels} channels does not fit a model of "
+                         f"{len(arch.stages)} stages and {arch.channels} channels")
     parts = [_header(arch, meta, bits, None if prior is None else prior.prior_id)]
     tensors = [(t[index : index + 1], tensor_bits(bits, j, is_weight)) for t, is_weight, j in _tensors(model)]
     bases = [None] * len(tensors) if prior is None else [w.unsqueeze(0) for w in prior.initial(arch)]
@@ -252,9 +277,9 @@ def _check_envelope(data, fail):
     if len(data) < len(MAGIC) + 4 or bytes(data[: len(MAGIC)]) != MAGIC:
         raise fail("not an .mrnet model file (bad magic bytes)")
     (version,) = struct.unpack_from("<I", data, len(MAGIC))
-    if version not in (VERSION, PRIOR_VERSION, UNCHECKED_VERSION):
+    if version not in (VERSION, PRIOR_VERSION, LATENT_VERSION, UNCHECKED_VERSION):
         raise fail(f"model file version {version} is not supported (this reader knows versions "
-                   f"{UNCHECKED_VERSION} to {PRIOR_VERSION})")
+                   f"{UNCHECKED_VERSION} to {LATENT_VERSION})")
     if len(data) > MAX_FILE_BYTES:
         raise fail(f"{len(data):,} bytes is more than any model file holds ({MAX_FILE_BYTES:,})")
     if version == UNCHECKED_VERSION:
@@ -310,7 +335,7 @@ def _read_header(data, end, fail):
     if prior_id is not None and not quantised(bits):
         raise fail("bad header: weights coded against a prior are quantised")
     try:
-        meta = _meta(arch, width, height, "wrap" if flags & 2 else "reflect")
+        meta = ImageMeta(width, height, arch.channels, len(arch.stages), "wrap" if flags & 2 else "reflect")
     except ValueError as e:  # too small for its stage count
         raise fail(f"bad header: {e}") from None
     return arch, meta, bits, prior_id, offset
@@ -353,23 +378,31 @@ def _decode(payload, arch, bits, fail, bases=None):
     return values
 
 
-def stored_weight_bits(data: bytes):
+def stored_weight_bits(data: bytes) -> int:
     """The weight bits a (valid) model file stores."""
     end = _check_envelope(data, lambda reason: ModelFileError(f"<bytes>: {reason}"))
+    if _version(data) == LATENT_VERSION:
+        raise ModelFileError("<bytes>: a latent pyramid stores its latents and weights as integers, not at bits")
     return _read_header(data, end, lambda reason: ModelFileError(f"<bytes>: {reason}"))[2]
 
 
-def required_prior(data: bytes):
+def required_prior(data: bytes) -> str | None:
     """The id of the prior a model file's weights are coded against, or None; ModelFileError if it is no model."""
     def fail(reason):
         return ModelFileError(f"<bytes>: {reason}")
 
     end = _check_envelope(data, fail)
-    return _read_header(data, end, fail)[3]
+    return None if _version(data) == LATENT_VERSION else _read_header(data, end, fail)[3]
 
 
-def from_bytes(data: bytes, name="<bytes>", prior=None):
-    """Parse a model: (MRNet with batch 1, meta). Raises ModelFileError naming `name` and the problem.
+def _version(data):
+    return struct.unpack_from("<I", data, len(MAGIC))[0]
+
+
+def from_bytes(data: bytes, name: str = "<bytes>",
+               prior: Prior | None = None) -> tuple[MRNet | latent.LatentNet, ImageMeta]:
+    """Parse a model: (MRNet, or LatentNet for version 6, with batch 1; meta). Raises ModelFileError naming `name`
+    and the problem.
 
     A file coded against a prior (version 5) needs that `prior` (`prior.Prior`): a missing or different one is an
     error naming both ids, never a wrong image."""
@@ -379,6 +412,10 @@ def from_bytes(data: bytes, name="<bytes>", prior=None):
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise fail(f"no model bytes (got {type(data).__name__})")
     end = _check_envelope(data, fail)
+    if _version(data) == LATENT_VERSION:
+        model = latent.from_payload(data, len(MAGIC) + 4, end, fail)
+        a = model.arch
+        return model, ImageMeta(a.width, a.height, a.channels, a.levels, "wrap" if a.periodic else "reflect")
     arch, meta, bits, needed, offset = _read_header(data, end, fail)
     bases = None
     if needed is not None:
@@ -403,7 +440,7 @@ def from_bytes(data: bytes, name="<bytes>", prior=None):
     return (snap_periodic(model) if arch.periodic else model), meta
 
 
-def save(path, model, meta, bits=32, index=0):
+def save(path: Path | str, model: MRNet, meta: ImageMeta, bits: int = 32, index: int = 0) -> int:
     """Write a model file atomically (write, then rename). Returns the number of bytes written."""
     path = Path(path)
     data = to_bytes(model, meta, bits, index)
@@ -426,7 +463,7 @@ def _refuse_unless_small_regular(path, info):
         raise ModelFileError(f"{path}: {info.st_size:,} bytes is more than any model file holds ({MAX_FILE_BYTES:,})")
 
 
-def read_file(path):
+def read_file(path: Path | str) -> bytes:
     """A model file's bytes. Anything but a regular file of at most MAX_FILE_BYTES is refused before it is read
     (a FIFO would block, a device could be endless)."""
     try:
@@ -444,6 +481,6 @@ def read_file(path):
     return data
 
 
-def load(path):
+def load(path: Path | str) -> tuple[MRNet, ImageMeta]:
     """(MRNet with batch 1, meta) from a model file; ModelFileError naming the path for anything wrong."""
     return from_bytes(read_file(path), str(path))

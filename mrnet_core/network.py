@@ -50,7 +50,7 @@ class Architecture:
         if self.periodic and self.model == "f":
             raise ValueError("a Fourier-feature MLP draws its own first-layer frequencies: it cannot be periodic")
 
-    def layer_shapes(self, i):
+    def layer_shapes(self, i: int) -> list[tuple[int, int]]:
         """(fan_in, fan_out) of every layer of stage i, first to output."""
         s = self.stages[i]
         widths = [s.first, *s.hidden]
@@ -59,27 +59,27 @@ class Architecture:
             fan_ins[1] += self.stages[i - 1].hidden[-1]
         return list(zip(fan_ins, widths)) + [(widths[-1], self.channels)]
 
-    def stage_params(self, i):
+    def stage_params(self, i: int) -> int:
         return sum((fi + 1) * fo for fi, fo in self.layer_shapes(i))
 
-    def params(self):
+    def params(self) -> int:
         return sum(self.stage_params(i) for i in range(len(self.stages)))
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: dict) -> "Architecture":
         d = dict(d)
         d["stages"] = tuple(StageSpec(s["first"], tuple(s["hidden"]), float(s["omega_0"])) for s in d["stages"])
         d["periodic"] = bool(d.get("periodic", False))
         return cls(**d)
 
-    def to_json(self):
+    def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-def periodic_frequencies(arch: Architecture, generator):
+def periodic_frequencies(arch: Architecture, generator: torch.Generator) -> list[torch.Tensor]:
     """Integer frequency vectors k (first-layer rows), per stage, none repeated across stages.
 
     Stage i draws from the frequencies within its band limit (max |k| <= omega_0 / pi, widened only when the band
@@ -102,7 +102,7 @@ def periodic_frequencies(arch: Architecture, generator):
     return out
 
 
-def snap_periodic(model):
+def snap_periodic(model: "MRNet") -> "MRNet":
     """Round a periodic model's first-layer weights back onto integer frequencies (after float16 storage)."""
     with torch.no_grad():
         for stage in model.stages:
@@ -111,7 +111,8 @@ def snap_periodic(model):
     return model
 
 
-def fourier_embedding(fan_in, fan_out, omega_0, generator):
+def fourier_embedding(fan_in: int, fan_out: int, omega_0: float,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """First-layer (w, b) of a Fourier-feature stage: sin(omega_0 (x w + b)) gives sin and cos pairs.
 
     The first half of the features is sin(omega_0 x W), the second half the same frequencies shifted by a quarter
@@ -157,7 +158,7 @@ class Stage(nn.Module):
             self.weights.append(nn.Parameter(w.expand(batch, -1, -1).clone()))
             self.biases.append(nn.Parameter(b.expand(batch, -1).clone()))
 
-    def forward(self, x, basis=None):
+    def forward(self, x: torch.Tensor, basis: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, N, in] coordinates; basis: [B, N, H] previous-stage features (M-Net). Returns (g, features)."""
         h = x
         for j, (omega, activation) in enumerate(zip(self.omegas, self.activations)):
@@ -188,10 +189,10 @@ class MRNet(nn.Module):
         )
 
     @property
-    def batch(self):
+    def batch(self) -> int:
         return self.stages[0].weights[0].shape[0]
 
-    def stage_outputs(self, x, count=None):
+    def stage_outputs(self, x: torch.Tensor, count: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The first `count` stage outputs g_i(x), each [B, N, C], and the last one's features."""
         x = x.expand(self.batch, -1, -1) if x.dim() == 2 else x
         outputs, basis = [], None
@@ -201,7 +202,7 @@ class MRNet(nn.Module):
             basis = h
         return outputs, basis
 
-    def forward(self, x, t=None):
+    def forward(self, x: torch.Tensor, t: float | None = None) -> torch.Tensor:
         """f(x, t) = sum_i c_i(t) g_i(x); t=None is the full network (t = N). Stages with c_i(t) = 0 are skipped."""
         n = len(self.stages)
         t = float(n if t is None else t)

@@ -24,6 +24,7 @@ import json
 import math
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,15 +59,15 @@ class Prior:
     data: bytes = b""  # the file's bytes, once written or read
 
     @property
-    def prior_id(self):
+    def prior_id(self) -> str:
         return prior_id(self.data or to_bytes(self))
 
-    def rung(self, arch: Architecture):
+    def rung(self, arch: Architecture) -> int | None:
         """Index of the rung of this architecture (by its RGB shape and stage count), or None."""
         rgb = _rgb(arch)
         return next((k for k, a in enumerate(self.architectures) if a == rgb), None)
 
-    def model(self, arch: Architecture, batch=1):
+    def model(self, arch: Architecture, batch: int = 1) -> MRNet:
         """An MRNet of `arch` (RGB or grey) holding this prior's initial weights, for `batch` images."""
         k = self.rung(arch)
         if k is None:
@@ -78,7 +79,7 @@ class Prior:
         model.requires_grad_(False)
         return model
 
-    def initial(self, arch: Architecture):
+    def initial(self, arch: Architecture) -> list[torch.Tensor]:
         """The rung's weights for `arch`: the RGB weights, or for grey, output layers mixed to one channel."""
         weights = self.weights[self.rung(arch)]
         if arch.channels == 3:
@@ -109,20 +110,21 @@ def _parameters(model):
             yield b
 
 
-def base_of(model: MRNet, prior: Prior):
+def base_of(model: MRNet, prior: Prior) -> dict[str, torch.Tensor]:
     """{parameter name: [1, ...] tensor} of the prior's weights for `model`'s architecture, to quantise against."""
     names = {id(p): n for n, p in model.named_parameters()}
     device = next(model.parameters()).device
     return {names[id(p)]: w.unsqueeze(0).to(device) for p, w in zip(_parameters(model), prior.initial(model.arch))}
 
 
-def from_model(model: MRNet, fit=None, training=None, bytes_per_param=None):
+def from_model(model: MRNet, fit: dict | None = None, training: dict | None = None,
+               bytes_per_param: list | None = None) -> Prior:
     """A one-rung prior from image 0 of `model` (used by training to assemble a ladder)."""
     return Prior([model.arch], [[t[0].detach().cpu().float().clone() for t in _parameters(model)]],
                  fit or {}, training or {}, bytes_per_param or [])
 
 
-def merge(priors):
+def merge(priors: list[Prior]) -> Prior:
     """One prior holding every rung of `priors` (one-rung priors from `from_model`), fewest parameters first."""
     rungs = sorted(((a, w, b) for p in priors for a, w, b in
                     zip(p.architectures, p.weights, p.bytes_per_param or [None] * len(p.architectures))),
@@ -132,11 +134,11 @@ def merge(priors):
                  [b for _, _, b in rungs] if all(b is not None for _, _, b in rungs) else [])
 
 
-def prior_id(data: bytes):
+def prior_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[: 2 * ID_BYTES]
 
 
-def to_bytes(prior: Prior):
+def to_bytes(prior: Prior) -> bytes:
     header = json.dumps({"architectures": [a.to_dict() for a in prior.architectures], "fit": prior.fit,
                          "training": prior.training, "bytes_per_param": prior.bytes_per_param},
                         sort_keys=True).encode()
@@ -161,7 +163,7 @@ def _architecture(d, fail, k):
     return arch
 
 
-def from_bytes(data: bytes, name="<bytes>"):
+def from_bytes(data: bytes, name: str = "<bytes>") -> Prior:
     """A Prior from a file's bytes; PriorError naming `name` and the problem."""
     def fail(reason):
         return PriorError(f"{name}: {reason}")
@@ -232,7 +234,7 @@ def _check_fit(fit, fail):
             raise fail(f"fit.{key} must be a number from {lo:g} to {hi:g}, not {value!r}")
 
 
-def save(path, prior: Prior):
+def save(path: Path | str, prior: Prior) -> str:
     """Write the prior file atomically; returns its id."""
     path = Path(path)
     data = to_bytes(prior)
@@ -244,7 +246,7 @@ def save(path, prior: Prior):
     return prior_id(data)
 
 
-def load(path):
+def load(path: Path | str) -> Prior:
     """A Prior from a file; PriorError naming the path for anything wrong."""
     from .modelfile import ModelFileError, read_file
 
@@ -255,13 +257,15 @@ def load(path):
     return from_bytes(data, str(path))
 
 
-def default():
+def default() -> Prior | None:
     """The prior shipped with the package, or None when it is absent."""
     return load(DEFAULT_PATH) if DEFAULT_PATH.is_file() else None
 
 
-def learn(images, arch: Architecture, fit, steps, batch=8, meta_rate=1.0, seed=0, start=None, first_step=0,
-          levels=None, border="reflect", bits=8, on_step=None):
+def learn(images: torch.Tensor, arch: Architecture, fit: dict, steps: int, batch: int = 8, meta_rate: float = 1.0,
+          seed: int = 0, start: list[torch.Tensor] | None = None, first_step: int = 0, levels: int | None = None,
+          border: str = "reflect", bits: int = 8,
+          on_step: Callable[[int, list[torch.Tensor], float], None] | None = None) -> list[torch.Tensor]:
     """One rung's initialisation, learned over training images [N, 3, S, S] by first-order meta-learning.
 
     Reptile (Nichol et al. 2018): each outer step fits `batch` random images from the current initialisation with

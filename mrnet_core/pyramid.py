@@ -12,7 +12,7 @@ _PAD_MODE = {"reflect": "reflect", "wrap": "circular"}
 _BINOMIAL = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 
 
-def level_sizes(height, width, levels=None, min_size=8):
+def level_sizes(height: int, width: int, levels: int | None = None, min_size: int = 8) -> list[tuple[int, int]]:
     """Sizes (h, w) of each level, finest first. Each level halves the last (rounding up).
 
     Give `levels` for an exact count, or let the count run until the next level's short side would fall below
@@ -40,7 +40,7 @@ def _pad(images, amount, border):
     return F.pad(images, (amount,) * 4, mode=_PAD_MODE[border])
 
 
-def blur(images, border="reflect"):
+def blur(images: torch.Tensor, border: str = "reflect") -> torch.Tensor:
     """Separable 5-tap binomial blur (a close approximation of a Gaussian with sigma 1)."""
     b, c, h, w = images.shape
     k = _BINOMIAL.to(images)
@@ -50,7 +50,7 @@ def blur(images, border="reflect"):
     return x.reshape(b, c, h, w)
 
 
-def resample(images, height, width, border="reflect"):
+def resample(images: torch.Tensor, height: int, width: int, border: str = "reflect") -> torch.Tensor:
     """Bilinear resampling onto an (height, width) grid of pixel centres covering the same domain."""
     h, w = images.shape[-2:]
     if (h, w) == (height, width):
@@ -66,7 +66,8 @@ def resample(images, height, width, border="reflect"):
     return F.grid_sample(padded, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def gaussian_pyramid(images, levels=None, min_size=8, border="reflect"):
+def gaussian_pyramid(images: torch.Tensor, levels: int | None = None, min_size: int = 8,
+                     border: str = "reflect") -> list[torch.Tensor]:
     """[G_0 (full resolution), ..., G_{N-1} (coarsest)]: G_{k+1} = downsample(blur(G_k))."""
     sizes = level_sizes(*images.shape[-2:], levels=levels, min_size=min_size)
     pyramid = [images]
@@ -75,18 +76,19 @@ def gaussian_pyramid(images, levels=None, min_size=8, border="reflect"):
     return pyramid
 
 
-def laplacian_pyramid(images, levels=None, min_size=8, border="reflect"):
+def laplacian_pyramid(images: torch.Tensor, levels: int | None = None, min_size: int = 8,
+                      border: str = "reflect") -> list[torch.Tensor]:
     """[L_0, ..., L_{N-1}] with L_k = G_k - upsample(G_{k+1}) and L_{N-1} = G_{N-1}."""
     gaussians = gaussian_pyramid(images, levels, min_size, border)
     return laplacian_from_gaussian(gaussians, border)
 
 
-def laplacian_from_gaussian(gaussians, border="reflect"):
+def laplacian_from_gaussian(gaussians: list[torch.Tensor], border: str = "reflect") -> list[torch.Tensor]:
     bands = [g - resample(coarser, *g.shape[-2:], border) for g, coarser in zip(gaussians, gaussians[1:])]
     return bands + [gaussians[-1]]
 
 
-def reconstruct(laplacians, border="reflect"):
+def reconstruct(laplacians: list[torch.Tensor], border: str = "reflect") -> torch.Tensor:
     """Invert a Laplacian pyramid: G_k = L_k + upsample(G_{k+1}). Returns G_0."""
     image = laplacians[-1]
     for band in reversed(laplacians[:-1]):
@@ -95,7 +97,8 @@ def reconstruct(laplacians, border="reflect"):
 
 
 
-def pixel_grid(height, width, window=(-1.0, -1.0, 1.0, 1.0), device=None):
+def pixel_grid(height: int, width: int, window: tuple[float, float, float, float] = (-1.0, -1.0, 1.0, 1.0),
+               device: str | torch.device | None = None) -> torch.Tensor:
     """Pixel-centre coordinates (x, y) of a height x width image of `window` = (x0, y0, x1, y1), row-major: [H*W, 2].
 
     y grows downwards, like image rows; the default window is the whole domain [-1, 1]^2.

@@ -9,10 +9,12 @@ since in the small models of low rates a byte per column would be 7% of the file
 on batched weights [B, ...] so a whole batch of models is quantised, and fine-tuned, at once.
 """
 import math
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call
 
+from .network import MRNet
 from .pyramid import gaussian_pyramid, pixel_grid
 
 BATCH_PIXELS = 4096  # pixels per level in each fine-tuning step, unless the config says otherwise
@@ -20,16 +22,16 @@ STEPS_PER_OCTAVE = 8
 STEP_OFFSET = 24  # code 0 is a step of 2^-24; code 255 is 2^7.9
 
 
-def max_symbol(bits):
+def max_symbol(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def code_to_value(code):
+def code_to_value(code: torch.Tensor) -> torch.Tensor:
     """A one-byte log code (uint8 tensor) as the float32 value it stands for."""
     return torch.exp2(code.double() / STEPS_PER_OCTAVE - STEP_OFFSET).float()
 
 
-def value_to_code(value):
+def value_to_code(value: torch.Tensor) -> torch.Tensor:
     """The smallest code whose value is at least `value` (so that a column's peak stays within its range)."""
     code = torch.ceil((torch.log2(value.double().clamp_min(2.0**-STEP_OFFSET)) + STEP_OFFSET) * STEPS_PER_OCTAVE)
     return code.clamp(0, 255).to(torch.uint8)
@@ -38,12 +40,13 @@ def value_to_code(value):
 COLUMN_FAN_IN = 32
 
 
-def column_steps(shape):
+def column_steps(shape: tuple[int, ...]) -> bool:
     """Whether one model's tensor of `shape` ([fan_in, fan_out] or [n]) gets a step per output column."""
     return len(shape) == 2 and shape[0] >= COLUMN_FAN_IN
 
 
-def quantise(w, bits, coarser=0, base=None):
+def quantise(w: torch.Tensor, bits: int, coarser: int = 0,
+             base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(step codes, symbols) of a batch of tensors [B, ...]: codes [B, fan_out] (`column_steps`) or [B].
 
     A step is the smallest code that keeps its peak in range, raised by `coarser` codes (each a factor 2^(1/8)):
@@ -75,12 +78,12 @@ def _broadcast(step, like):
     return step.unsqueeze(1) if step.dim() == 2 else step.view(-1, *[1] * (like.dim() - 1))
 
 
-def dequantise(codes, symbols, base=None):
+def dequantise(codes: torch.Tensor, symbols: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
     values = symbols.float() * _broadcast(code_to_value(codes), symbols)
     return values if base is None else values + base.to(values.device)
 
 
-def fake_quantise(w, bits, base=None):
+def fake_quantise(w: torch.Tensor, bits: int, base: torch.Tensor | None = None) -> torch.Tensor:
     """w rounded onto its quantisation grid in the forward pass, identity in the backward (straight-through).
 
     The same values as dequantise(*quantise(w, bits, base=base), base) in fewer operations (it runs on every tensor
@@ -96,7 +99,7 @@ def fake_quantise(w, bits, base=None):
 FINE_BITS = 12
 
 
-def tensor_bits(bits, layer, is_weight):
+def tensor_bits(bits: int, layer: int, is_weight: bool) -> int:
     """The bits of one tensor: first-layer weights and all biases get FINE_BITS.
 
     Both are multiplied by omega (30 or so) inside a sine, so a step there is a large phase error: at 6 bits, rounding
@@ -105,7 +108,8 @@ def tensor_bits(bits, layer, is_weight):
     return FINE_BITS if (layer == 0 or not is_weight) else bits
 
 
-def quantised_parameters(model, bits, fake=True, coarser=0, base=None):
+def quantised_parameters(model: MRNet, bits: int, fake: bool = True, coarser: int = 0,
+                         base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """{name: quantised tensor} for every weight and bias of a batched MRNet (fake: with straight-through grads).
 
     `coarser` raises the steps of the tensors at `bits` (not the FINE_BITS ones; see `quantise`). `base` ({name:
@@ -119,7 +123,7 @@ def quantised_parameters(model, bits, fake=True, coarser=0, base=None):
     return out
 
 
-def level_outputs(model, weights, x, starts):
+def level_outputs(model: MRNet, weights: dict[str, torch.Tensor], x: torch.Tensor, starts: list[int]) -> torch.Tensor:
     """f(x, k + 1) on every level k's rows of x [B, P, 2], for a batched MRNet holding `weights` ({name: tensor}).
 
     Level k's rows are x[:, starts[k] : starts[k + 1]]. Stage i is evaluated once, on the rows of levels i.., since
@@ -136,8 +140,10 @@ def level_outputs(model, weights, x, starts):
     return out
 
 
-def finetune(model, images, bits, epochs, lr=3e-4, batch_pixels=BATCH_PIXELS, levels=None, border="reflect", seed=0,
-             progress=None, base=None):
+def finetune(model: MRNet, images: torch.Tensor, bits: int, epochs: int, lr: float = 3e-4,
+             batch_pixels: int = BATCH_PIXELS, levels: int | None = None, border: str = "reflect", seed: int = 0,
+             progress: Callable[[int, int, float], None] | None = None,
+             base: dict[str, torch.Tensor] | None = None) -> MRNet:
     """Quantisation-aware fine-tuning of a fitted batched MR-Net on images [B, C, H, W], in place.
 
     Every stage trains at once, through the quantiser, on every level: the loss is the sum over levels k of the

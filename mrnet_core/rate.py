@@ -7,15 +7,20 @@ entropy-code better than freshly drawn ones. The fine knob comes after fitting: 
 its quantisation steps coarsened, 2^(1/8) at a time, until it fits (`within_budget`), so no image is fitted twice.
 """
 import math
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from .config import ConfigError, FitConfig
-from .modelfile import to_bytes
+from .modelfile import ImageMeta, to_bytes
 from .quantize import FINE_BITS
 from .network import MRNet
-from .pyramid import level_sizes
+from .prior import Prior
+
+if TYPE_CHECKING:  # encode imports this module
+    from .encode import Encoding
 
 MIN_SCALE, MAX_SCALE = 1 / 64, 4.0
 # A fitted model's entropy-coded payload over a fresh one's: about 0.9 in one-image trials at 0.2 bpp (the `compact`
@@ -26,16 +31,26 @@ MAX_COARSER = 64  # steps up to 2^8 times coarser: 8 bits' worth, past which nea
 PSNR_RUNGS = 9  # width scales tried for a PSNR target, spaced evenly in log between MIN_SCALE and the cap
 
 
-def scaled(cfg: FitConfig, scale):
+@dataclass(frozen=True)
+class RateChoice:
+    """How rate control sized one image: the width `scale` of its rung, how many codes coarser its steps were
+    stored (`rate.within_budget`), the targets, and whether they were met."""
+    scale: float
+    coarser: int | None
+    target_bpp: float | None
+    target_psnr: float | None
+    met: bool
+
+
+def scaled(cfg: FitConfig, scale: float) -> FitConfig:
     """cfg with every stage's widths multiplied by `scale` (at least 2 wide), and no rate targets."""
     widths = {k: tuple(max(2, round(v * scale)) for v in cfg.per_stage(k)) for k in ("first", "hidden")}
     return replace(cfg, **widths, target_bpp=0.0, target_psnr=0.0)
 
 
-def predicted_bytes(cfg: FitConfig, channels, height, width, bits):
+def predicted_bytes(cfg: FitConfig, channels: int, height: int, width: int, bits: int) -> int:
     """The stored size of a fitted model of cfg's architecture: a freshly drawn one's, payload scaled."""
-    meta = {"width": width, "height": height, "border": cfg.border,
-            "levels": [list(s) for s in level_sizes(height, width, levels=cfg.levels)[::-1]]}
+    meta = ImageMeta(width, height, channels, cfg.levels, cfg.border)
     model = MRNet(cfg.architecture(channels), seed=cfg.seed)
     fresh = len(to_bytes(model, meta, bits))
     if bits > 8:
@@ -46,7 +61,7 @@ def predicted_bytes(cfg: FitConfig, channels, height, width, bits):
     return fixed + math.ceil(FITTED_PAYLOAD * (fresh - fixed))
 
 
-def storage_ladder(bits, finer):
+def storage_ladder(bits: int, finer: bool) -> list[tuple[int, int]]:
     """(bits, coarser) pairs from the finest storage to the coarsest, each step about 2^(1/8) coarser.
 
     With `finer`, storage may also be up to FINE_BITS bits: one more bit halves the step, like 8 codes finer. A
@@ -55,7 +70,8 @@ def storage_ladder(bits, finer):
     return top + [(bits, c) for c in range(MAX_COARSER + 1)]
 
 
-def within_budget(model, meta, bits, index, budget, prior=None, finer=False):
+def within_budget(model: MRNet, meta: ImageMeta, bits: int, index: int, budget: int, prior: Prior | None = None,
+                  finer: bool = False) -> tuple[bytes, int]:
     """(model file, coarser) of image `index` of a fitted model: stored as finely as fits `budget` bytes.
 
     Steps are coarsened as little as fits, or with `finer` also stored at more bits than it was fitted at; the
@@ -85,7 +101,7 @@ def within_budget(model, meta, bits, index, budget, prior=None, finer=False):
     return blob(lo), coarser - 8 * (stored_bits - bits)
 
 
-def largest_scale(cfg: FitConfig, channels, height, width, bits, budget):
+def largest_scale(cfg: FitConfig, channels: int, height: int, width: int, bits: int, budget: int) -> float:
     """The largest width scale whose predicted size is within `budget` bytes (bisection on log scale)."""
     def fits(s):
         return predicted_bytes(scaled(cfg, s), channels, height, width, bits) <= budget
@@ -103,7 +119,7 @@ def largest_scale(cfg: FitConfig, channels, height, width, bits, budget):
     return math.exp(lo)
 
 
-def prior_rungs(cfg: FitConfig, prior):
+def prior_rungs(cfg: FitConfig, prior: Prior) -> list[tuple[float, FitConfig]]:
     """[(scale, config)] of the prior's rungs that cfg's family can use (same model, levels, hidden layers and band
     limits), fewest parameters first; scale is the rung's finest first-layer width over cfg's."""
     out = []
@@ -119,19 +135,20 @@ def prior_rungs(cfg: FitConfig, prior):
     return out
 
 
-def prior_predicted_bytes(cfg: FitConfig, prior, channels, height, width, bits):
+def prior_predicted_bytes(cfg: FitConfig, prior: Prior, channels: int, height: int, width: int, bits: int) -> int:
     """The stored size of an image fitted from `prior` at cfg's rung: the file of the prior's weights themselves
     (header and side information; zero residuals cost almost nothing) plus the rung's measured bytes per
     parameter, or 6 bits per parameter if the prior does not say."""
     arch = cfg.architecture(channels)
-    meta = {"width": width, "height": height, "border": cfg.border,
-            "levels": [list(s) for s in level_sizes(height, width, levels=cfg.levels)[::-1]]}
+    meta = ImageMeta(width, height, channels, cfg.levels, cfg.border)
     fixed = len(to_bytes(prior.model(arch), meta, bits, prior=prior))
     per_param = prior.bytes_per_param[prior.rung(arch)] if prior.bytes_per_param else 0.75
     return fixed + math.ceil(per_param * arch.params())
 
 
-def encode_at_rate(images, cfg: FitConfig, encode_fixed, prior=None):
+def encode_at_rate(images: torch.Tensor, cfg: FitConfig,
+                   encode_fixed: Callable[[torch.Tensor, FitConfig, int | None], tuple[list["Encoding"], list[bytes]]],
+                   prior: Prior | None = None) -> tuple[list["Encoding"], list[bytes]]:
     """(records, blobs) like `encode.encode`, each image sized to cfg.target_bpp and/or cfg.target_psnr.
 
     `encode_fixed(images, cfg, budget)` encodes at one fixed config, each model file fitted into `budget` bytes by
@@ -166,11 +183,11 @@ def encode_at_rate(images, cfg: FitConfig, encode_fixed, prior=None):
         """Encode images[index] at ladder[rung], each model file within the budget."""
         scale, rung_cfg = ladder[rung]
         records, blobs = encode_fixed(images[index], rung_cfg, budget)
-        for r, blob in zip(records, blobs):
-            r["rate"] = {"scale": round(scale, 4), "coarser": r.pop("coarser", None),
-                         "target_bpp": cfg.target_bpp or None, "target_psnr": cfg.target_psnr or None,
-                         "met": (not budget or len(blob) <= budget) and
-                                (not cfg.target_psnr or r["levels"][-1]["psnr"] >= cfg.target_psnr)}
+        records = [replace(r, coarser=None, rate=RateChoice(
+                       round(scale, 4), r.coarser, cfg.target_bpp or None, cfg.target_psnr or None,
+                       (not budget or len(blob) <= budget) and
+                       (not cfg.target_psnr or r.levels[-1].psnr >= cfg.target_psnr)))
+                   for r, blob in zip(records, blobs)]
         return records, blobs
 
     if not cfg.target_psnr:
@@ -183,7 +200,7 @@ def encode_at_rate(images, cfg: FitConfig, encode_fixed, prior=None):
             return
         mid = (lo + hi) // 2
         records, blobs = attempt(index, mid)
-        met = torch.tensor([r["rate"]["met"] for r in records])
+        met = torch.tensor([r.rate.met for r in records])
         for i, j in enumerate(index.tolist()):
             if met[i] or mid == len(ladder) - 1:
                 best[j] = (records[i], blobs[i])

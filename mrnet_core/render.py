@@ -4,16 +4,19 @@ Rendering never needs the original image: a thumbnail evaluates only the coarse 
 can show, which is both cheaper and free of aliasing.
 """
 import math
+from collections.abc import Sequence
 
 import torch
 
+from .network import MRNet
 from .pyramid import pixel_grid
 
 FULL_DOMAIN = (-1.0, -1.0, 1.0, 1.0)
 CHUNK = 1 << 16  # pixels x images evaluated at once: bounds the memory of a render of any size
 
 
-def antialiased_level(level_sizes, width, height, window=FULL_DOMAIN):
+def antialiased_level(level_sizes: Sequence[tuple[int, int]], width: int, height: int,
+                      window: tuple[float, float, float, float] = FULL_DOMAIN) -> float:
     """The level of detail t whose band limit fits an output of width x height over `window`.
 
     `level_sizes` are the (h, w) the stages were fitted at, coarse to fine. An output that samples the domain
@@ -28,7 +31,9 @@ def antialiased_level(level_sizes, width, height, window=FULL_DOMAIN):
 
 
 @torch.no_grad()
-def render(model, width, height, t=None, window=FULL_DOMAIN, chunk=CHUNK, index=None):
+def render(model: MRNet, width: int, height: int, t: float | None = None,
+           window: tuple[float, float, float, float] = FULL_DOMAIN, chunk: int = CHUNK,
+           index: int | None = None) -> torch.Tensor:
     """Evaluate f(x, t) on a height x width grid of pixel centres over `window` = (x0, y0, x1, y1).
 
     Returns [B, C, H, W] (or [C, H, W] for image `index`), unclamped. t=None shows every stage. Pixels are

@@ -19,7 +19,7 @@ from mrnet_core.encode import Failure, choose_prior, encode, encode_in_batches
 from mrnet_core.export import export_mips
 from mrnet_core.images import (DEFAULT_MAX_PIXELS, WRITE_FORMATS, ImageError, read_image, resize_long_side,
                                 save_image, save_png)
-from mrnet_core.network import MODELS
+from mrnet_core.config import MODELS
 from mrnet_core.render import FULL_DOMAIN, antialiased_level, render
 from pipeline.console import Progress, quiet_libraries
 from pipeline.lease import LeaseHeld
@@ -32,10 +32,12 @@ from pipeline.thumbnails import render_levels
 class FitProgress:
     """`mrnet fit`'s progress line: epochs of every stage against their most (a stage may stop sooner, so the ETA is
     an upper bound), and the last stage loss as a PSNR. A rate target fits several sizes: each starts the count
-    again."""
+    again. A latent pyramid (model g) fits in one stage of the finest max_epochs steps."""
 
     def __init__(self, label, cfg):
         self.max_epochs = [int(e) for e in cfg.per_stage("max_epochs")]
+        if cfg.model == "g":
+            self.max_epochs = self.max_epochs[-1:]
         self.line = Progress(label, sum(self.max_epochs), unit="epochs")
 
     def __call__(self, stage, epoch, losses):
@@ -107,10 +109,10 @@ def cmd_fit(args):
             os.replace(tmp, model_path)
             for k, level in enumerate(render_levels(*modelfile.from_bytes(blob, str(model_path), chosen))):
                 save_png(level, out / stem / f"level_{k}.png")
-            full = record["levels"][-1]
-            print(f"{path}: {record['params']} params, {record['bpp']:.2f} bpp, "
-                  f"{full['psnr']:.2f} dB at {full['width']}x{full['height']}, {record['fit_seconds']:.1f} s")
-            results.append({"name": stem, "path": str(path), "notes": notes, **record})
+            full = record.levels[-1]
+            print(f"{path}: {record.params} params, {record.bpp:.2f} bpp, "
+                  f"{full.psnr:.2f} dB at {full.width}x{full.height}, {record.fit_seconds:.1f} s")
+            results.append({"name": stem, "path": str(path), "notes": notes, **record.to_dict()})
     _write_json(out / "metrics.json", results)
     print(f"wrote {len(results)} model(s) to {out}" + (f"; {failed} failed" if failed else ""))
     return 1 if failed else 0
@@ -192,13 +194,13 @@ def cmd_render(args):
     if size:
         width, height = size
     else:  # the model's native sampling density over the window
-        width = max(1, round(meta["width"] * (window[2] - window[0]) / 2))
-        height = max(1, round(meta["height"] * (window[3] - window[1]) / 2))
+        width = max(1, round(meta.width * (window[2] - window[0]) / 2))
+        height = max(1, round(meta.height * (window[3] - window[1]) / 2))
         if width * height > DEFAULT_MAX_PIXELS:
             raise ConfigError(f"--domain: this window at the model's own resolution is {width}x{height} pixels, over "
                               f"the limit of {DEFAULT_MAX_PIXELS:,}; give --size")
-    n = len(model.stages)
-    t = args.level if args.level is not None else antialiased_level(meta["levels"], width, height, window)
+    n = meta.levels
+    t = args.level if args.level is not None else antialiased_level(meta.sizes, width, height, window)
     if not 0 <= t <= n:
         raise ConfigError(f"--level: must lie in [0, {n}] for this {n}-stage model, not {t}")
     image = render(model, width, height, t=t, window=window, index=0).clamp(0, 1)
@@ -290,7 +292,10 @@ def cmd_view(args):
             return 1
     else:
         model, meta = _load_model(source, args.prior)
-        entries, total = [viewer.model_entry(Path(source).stem, model, meta)], 1
+        try:
+            entries, total = [viewer.model_entry(Path(source).stem, model, meta)], 1
+        except viewer.NotDrawn as e:
+            raise ConfigError(str(e)) from None
     data = viewer.page(entries, title=f"MR-Net viewer: {Path(source).name}").encode()
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as f:
         tmp = Path(f.name)  # a fresh name of its own (O_EXCL): never a file or link already there
@@ -343,12 +348,14 @@ def build_parser():
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=sorted(MODELS),
-                   help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP")
-    p.add_argument("--preset", help="default (unless the config's [job] table names one), fast, texture or compact")
-    p.add_argument("--config", help="TOML or JSON file: fit keys, or [fit] and [job] tables as for encode (see README)")
-    p.add_argument("--size", type=int, help="resize so that the long side is S pixels")
-    p.add_argument("--levels", type=int, help="number of levels (stages)")
-    p.add_argument("--seed", type=int)
+                   help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP, g: latent pyramid")
+    p.add_argument("--preset", help="default, fast, texture or compact (default: the config's [job] preset, else "
+                                    "default)")
+    p.add_argument("--config", help="TOML or JSON file: fit keys, or [fit] and [job] tables as for encode (see "
+                                    "README) (default: none)")
+    p.add_argument("--size", type=int, help="resize so that the long side is S pixels (default: as read)")
+    p.add_argument("--levels", type=int, help="number of levels (stages) (default: the preset's, 3 in every one)")
+    p.add_argument("--seed", type=int, help="seed of the random initialisation (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     for flag, kind, text in FIT_FLAGS:
         p.add_argument(flag, type=kind, help=text)
@@ -384,17 +391,22 @@ def build_parser():
     p = sub.add_parser("encode", help="encode a folder, glob or URI list into Parquet on Ray (resumable)")
     p.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs (local, s3://, gs://, file://)")
     p.add_argument("--out", required=True, help="output folder or URI")
-    for flag, kind, text in [("--config", str, "TOML/JSON, [fit] and [job] tables"),
-                             ("--preset", str, "default, fast or texture"),
-                             ("--size", int, "resize the long side to S"), ("--levels", int, "levels (stages)"),
+    for flag, kind, text in [("--config", str, "TOML/JSON file: [fit] and [job] tables (see README) (default: none)"),
+                             ("--preset", str, "default, fast, texture or compact (default: the config's [job] "
+                                               "preset, else default)"),
+                             ("--size", int, "resize the long side to S pixels (default: as read)"),
+                             ("--levels", int, "levels (stages) (default: the preset's, 3 in every one)"),
                              ("--ray-address", str, "join this Ray cluster (default: a local one)"),
-                             ("--num-gpus", float, "GPUs per actor"), ("--actors", int, "most fitting actors"),
-                             ("--batch-size", int, "images per actor call"), ("--max-pixels", int, "over it: fail"),
+                             ("--num-gpus", float, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)"),
+                             ("--actors", int, "most fitting actors (default: one per GPU, or every CPU but one)"),
+                             ("--batch-size", int, "images per actor call (default 16)"),
+                             ("--max-pixels", int, f"larger images fail (default {DEFAULT_MAX_PIXELS:,})"),
                              ("--tracking-deadline", float, "seconds for all MLflow calls (default 60)")]:
         p.add_argument(flag, type=kind, help=text)
     for flag, kind, text in FIT_FLAGS:
         p.add_argument(flag, type=kind, help=text)
-    p.add_argument("--model", choices=sorted(MODELS))
+    p.add_argument("--model", choices=sorted(MODELS),
+                   help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP, g: latent pyramid")
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
     p.add_argument("--wait", action="store_true", default=None,
@@ -408,7 +420,7 @@ def build_parser():
     p.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs")
     p.add_argument("--out", required=True, help="output folder (local)")
     p.add_argument("--grid", required=True, help="TOML/JSON: [job], [fit], [grid] lists, [[config]] variants")
-    p.add_argument("--size", type=int, help="resize the long side to S (overrides the grid's job.size)")
+    p.add_argument("--size", type=int, help="resize the long side to S (default: the grid's job.size, else as read)")
     p.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-study-<OUT's folder name>)")
     p.add_argument("-v", "--verbose", action="store_true", help="show Ray's, Ray Data's and MLflow's own logs")

@@ -105,8 +105,8 @@ def _figures_problem(row, meta):
     if not isinstance(row.get("uri"), str) or not row["uri"]:
         return "uri is missing"
     for key in ("width", "height", "channels"):
-        if row.get(key) != meta[key]:
-            return f"{key} {row.get(key)!r} is not the model's {meta[key]}"
+        if row.get(key) != getattr(meta, key):
+            return f"{key} {row.get(key)!r} is not the model's {getattr(meta, key)}"
     if row.get("model_bytes") != len(row["weights"]):
         return f"model_bytes {row.get('model_bytes')!r} is not the weights' {len(row['weights'])} bytes"
     for key in ("raw_bytes", "file_bytes"):

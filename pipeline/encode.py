@@ -137,18 +137,18 @@ class Encoder:
                                      "message": f"{item['uri']}: {result.message}"})
                 continue
             rec, blob = result
+            rate = rec.rate
             rows.append({
                 "image_id": item["image_id"], "uri": item["uri"], "config_id": self.cfg_id,
-                "width": w, "height": h, "channels": c, "model": rec["model"], "architecture": rec["architecture"],
-                "weights": blob, "params": rec["params"], "weight_bits": rec["weight_bits"],
-                "prior_id": rec.get("prior_id"),
-                "width_scale": rec.get("rate", {}).get("scale"), "target_met": rec.get("rate", {}).get("met"),
-                "step_coarsening": rec.get("rate", {}).get("coarser"),
-                "model_bytes": rec["model_bytes"], "raw_bytes": rec["raw_bytes"],
-                "file_bytes": item["file_bytes"], "bpp": rec["bpp"],
-                "psnr": [lv["psnr"] for lv in rec["levels"]], "ssim": [lv["ssim"] for lv in rec["levels"]],
-                "fit_seconds": rec["fit_seconds"], "batch": rec["batch"],
-                "epochs": [s["epochs"] for s in rec["stages"]], "notes": item["notes"],
+                "width": w, "height": h, "channels": c, "model": rec.model, "architecture": rec.architecture,
+                "weights": blob, "params": rec.params, "weight_bits": rec.weight_bits, "prior_id": rec.prior_id,
+                "width_scale": rate and rate.scale, "target_met": rate and rate.met,
+                "step_coarsening": rate.coarser if rate else rec.coarser,
+                "model_bytes": rec.model_bytes, "raw_bytes": rec.raw_bytes,
+                "file_bytes": item["file_bytes"], "bpp": rec.bpp,
+                "psnr": [lv.psnr for lv in rec.levels], "ssim": [lv.ssim for lv in rec.levels],
+                "fit_seconds": rec.fit_seconds, "batch": rec.batch,
+                "epochs": [s.epochs for s in rec.stages], "notes": item["notes"],
                 "device": self.device_name, "encoded_at": now(),
             })
         return rows, failures, deferred

@@ -23,15 +23,14 @@ from mrnet_core import prior as priors
 from mrnet_core.config import ConfigError, make_config
 from mrnet_core.images import ImageError, decode, to_pil
 from mrnet_core.metrics import psnr
-from mrnet_core.modelfile import to_bytes
+from mrnet_core.modelfile import ImageMeta, to_bytes
 from mrnet_core.network import MRNet
-from mrnet_core.pyramid import level_sizes
 from mrnet_core.quantize import finetune, quantised_parameters
 from mrnet_core.rate import scaled
 from mrnet_core.render import render
 
 from . import store, track
-from .console import init_ray
+from .console import Progress, init_ray
 from .sources import has_scheme, list_images, read_bytes
 
 CHECKPOINT_EVERY = 5  # outer steps per actor call, and so between checkpoints
@@ -141,8 +140,7 @@ def score(prior, arch, crops, settings):
     fit, bits = settings["fit"], settings["bits"]
     levels = len(arch.stages)
     size = crops.shape[-1]
-    meta = {"width": size, "height": size, "border": "reflect",
-            "levels": [list(s) for s in level_sizes(size, size, levels=levels)[::-1]]}
+    meta = ImageMeta(size, size, arch.channels, levels)
     results = {}
     for name, model in (("prior", prior.model(arch, batch=len(crops))), ("random", MRNet(arch, len(crops)))):
         model.requires_grad_(False)
@@ -228,6 +226,8 @@ def cmd_prior_train(args):
 
     for k in list(finished):
         rung_done(k, finished[k])
+    resumed = sum(r[1] for r in rungs.values())  # steps done by an earlier run: not in this run's rate and ETA
+    progress = Progress("prior train", args.steps * len(rungs) - resumed, unit="steps")
     while pending:
         ready, _ = ray.wait(list(pending.values()), num_returns=1)
         k = next(k for k, ref in pending.items() if ref == ready[0])
@@ -240,15 +240,14 @@ def cmd_prior_train(args):
                                   {"settings": settings, "step": step, "history": histories[k]})
         priors.save(path, checkpoint)
         rungs[k] = (actor, step, path)
-        done = sum(min(r[1], args.steps) for r in rungs.values())
-        elapsed = time.perf_counter() - start
-        log(f"prior train: rung {k} step {step}/{args.steps}, inner loss {history[-1][1]:.5f}; "
-            f"{done}/{args.steps * len(rungs)} steps, {elapsed:.0f} s")
+        progress.update(sum(min(r[1], args.steps) for r in rungs.values()) - resumed,
+                        f"rung {k} at step {step}/{args.steps}, inner loss {history[-1][1]:.5f}")
         if step < args.steps:
             pending[k] = actor.run.remote(min(step + CHECKPOINT_EVERY, args.steps))
         else:
             del pending[k]
             rung_done(k, weights)
+    progress.close()
     trained = priors.Prior(archs, [finished[k] for k in range(len(archs))], settings["fit"])
     scores = [None if ref is None else ray.get(ref) for ref in (scoring.get(k) for k in range(len(archs)))]
     for k, (arch, s) in enumerate(zip(archs, scores)):
@@ -321,7 +320,7 @@ def add_parser(sub):
     t.add_argument("--meta-rate", type=float, default=0.1, help="Reptile's outer step, decaying to a tenth "
                                                                 "(default 0.1)")
     t.add_argument("--holdout", type=int, default=5, help="every Nth image is held out for scoring (default 5)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the crops, order and initial draws (default 0)")
     t.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     t.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     t.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own logs")

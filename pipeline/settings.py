@@ -8,9 +8,10 @@ from mrnet_core.config import Bound, ConfigError, check_number, load_file, make_
 from mrnet_core.images import DEFAULT_MAX_PIXELS
 
 # Fit keys that also have flags, on both `fit` and `encode`: compact weights and rate control.
-FIT_FLAGS = [("--weight-bits", int, "store weights at 32, 16 (float) or 2-8 bits (quantised, entropy-coded)"),
-             ("--target-bpp", float, "size each model to at most this many stored bits per pixel"),
-             ("--target-psnr", float, "the smallest model reaching this full-resolution PSNR (dB)"),
+FIT_FLAGS = [("--weight-bits", int, "store weights at 32, 16 (float) or 2-8 bits (quantised, entropy-coded) "
+                                    "(default: the preset's: 8 for compact, else 32)"),
+             ("--target-bpp", float, "size each model to at most this many stored bits per pixel (default: off)"),
+             ("--target-psnr", float, "the smallest model reaching this full-resolution PSNR in dB (default: off)"),
              ("--prior", str, "where each image starts: auto (default: the shipped prior for quantised encodes), "
                               "none, default, or a .mrprior file from `mrnet prior train`")]
 

@@ -28,10 +28,10 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from mrnet_core.config import ConfigError, make_config
-from mrnet_core.metrics import lossy_mean
+from mrnet_core.metrics import is_lossless, lossy_mean
 
 from . import store, track
-from .console import init_ray
+from .console import Progress, init_ray
 from .bjontegaard import bd_psnr, bd_rate
 from .settings import check_job
 from .compare import CODECS, CURVES, IMAGES
@@ -131,6 +131,9 @@ def summary_table(rows, configs):
         for c in CODECS:
             entry[c], entry[f"{c}_lossless"] = lossy_mean([r[f"{c}_psnr"] for r in mine])
             entry[f"{c}_missing"] = sum(r[f"{c}_psnr"] is None for r in mine)
+            # MR-Net's mean over the images the codec's mean is over: what its cell is judged against.
+            paired = [r["psnr"][-1] for r in mine if r[f"{c}_psnr"] is not None and not is_lossless(r[f"{c}_psnr"])]
+            entry[f"{c}_versus"] = statistics.fmean(paired) if paired else None
         entry["beats_jpeg"] = sum(r["jpeg_psnr"] is not None and r["psnr"][-1] >= r["jpeg_psnr"] for r in mine)
         out.append(entry)
     return out
@@ -223,7 +226,7 @@ def html_table(table):
                  f"<td>{fmt(e['psnr'][-1])}</td>", "".join(f"<td>{fmt(p)}</td>" for p in e["psnr"]),
                  "<td></td>" * (levels - len(e["psnr"]))]
         for c in CODECS:
-            cls = versus(e["psnr"][-1], e[c])
+            cls = versus(e[f"{c}_versus"], e[c])
             missing = f' <span class="muted">({e[f"{c}_missing"]} too small)</span>' if e[f"{c}_missing"] else ""
             if e[f"{c}_lossless"]:
                 missing += f' <span class="muted">({e[f"{c}_lossless"]} lossless)</span>'
@@ -333,6 +336,7 @@ def sweep(args, configs, job, out, log):
     # One tracking deadline for the whole study: its configs' runs share what the study's run leaves.
     parent = track.start(out, experiment, log, command="study", deadline=job.pop("tracking_deadline", track.DEADLINE))
     results = {}
+    progress = Progress("study", len(configs), unit="configs", every=0)  # a line per config, with the ETA
     for i, (name, _, cfg) in enumerate(configs):
         folder = folder_of(out, name)
         log(f"study: config {i + 1}/{len(configs)}: {name} -> {folder}")
@@ -343,6 +347,8 @@ def sweep(args, configs, job, out, log):
         summary["mlflow"] = track.finish(child, folder, summary, cfg, job, versions(), log)
         parent["seconds_left"] = child["seconds_left"]  # one deadline for the study: its configs' calls count
         results[name] = {k: summary[k] for k in ("config_id", "done", "failed", "skipped", "seconds")}
+        progress.update(i + 1, f"{name} done")
+    progress.close()
     table, bd = write_study(out, configs)
     finish_parent(parent, out, table, bd, log)
     for e in table:

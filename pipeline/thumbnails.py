@@ -18,7 +18,7 @@ GAP = 4
 
 def render_levels(model, meta):
     """[C, h_k, w_k] in [0, 1] per level, coarse to fine, each at its own resolution."""
-    return [render(model, w, h, t=k + 1, index=0).clamp(0, 1) for k, (h, w) in enumerate(meta["levels"])]
+    return [render(model, w, h, t=k + 1, index=0).clamp(0, 1) for k, (h, w) in enumerate(meta.sizes)]
 
 
 def strip(model, meta, height=STRIP_HEIGHT):
@@ -27,8 +27,8 @@ def strip(model, meta, height=STRIP_HEIGHT):
     Drawing at display size (rather than enlarging the small thumbnail) shows what the level really holds: the
     band-limited image, smooth rather than blocky.
     """
-    n = len(meta["levels"])
-    width = max(1, round(meta["width"] * height / meta["height"]))
+    n = len(meta.sizes)
+    width = max(1, round(meta.width * height / meta.height))
     tiles = [to_pil(render(model, width, height, t=k + 1, index=0).clamp(0, 1)) for k in range(n)]
     sheet = Image.new(tiles[0].mode, (n * width + (n - 1) * GAP, height), "white")  # 255 alone is red in RGB
     for k, tile in enumerate(tiles):

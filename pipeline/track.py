@@ -26,7 +26,7 @@ import time
 import numpy as np
 import pyarrow.dataset as pads
 
-from mrnet_core.metrics import lossy_mean
+from mrnet_core.metrics import is_lossless, lossy_mean
 
 from . import store
 
@@ -193,7 +193,9 @@ def aggregates(out, cfg_id, summary):
             m[f"{codec}/psnr_at_budget/mean"] = mean
         if compared.get(f"{codec}_psnr"):
             m[f"{codec}/lossless_at_budget"] = lossless
-            bpps = [v for v in compared[f"{codec}_bpp"] if v is not None]
+            # The bytes of the same images as the PSNR mean: lossy figures only.
+            bpps = [b for b, p in zip(compared[f"{codec}_bpp"], compared[f"{codec}_psnr"])
+                    if b is not None and p is not None and not is_lossless(p)]
             if bpps:
                 m[f"{codec}/bpp_at_budget/mean"] = float(np.mean(bpps))
     return {k: float(v) for k, v in m.items()}

@@ -99,12 +99,18 @@ def shader_source(arch):
     return "\n".join(lines)
 
 
+class NotDrawn(ValueError):
+    """A model the page cannot draw: latent pyramids (model g) have no shader yet."""
+
+
 def model_entry(name, model, meta, index=0):
-    """What the page needs of one model: its shader, weights and level sizes."""
+    """What the page needs of one model: its shader, weights and level sizes; NotDrawn for a latent pyramid."""
+    if model.arch.model not in MODELS:
+        raise NotDrawn(f"{name}: the live viewer draws MR-Nets; latent pyramids (model g) are not drawn yet")
     weights = flat_weights(model, index)
     return {"name": name, "shader": shader_source(model.arch), "weights": base64.b64encode(weights.tobytes()).decode(),
-            "count": int(weights.size), "levels": [list(s) for s in meta["levels"]], "width": meta["width"],
-            "height": meta["height"], "stages": len(model.arch.stages), "model": MODELS[model.arch.model],
+            "count": int(weights.size), "levels": [list(s) for s in meta.sizes], "width": meta.width,
+            "height": meta.height, "stages": len(model.arch.stages), "model": MODELS[model.arch.model],
             "periodic": bool(model.arch.periodic)}
 
 
@@ -130,10 +136,9 @@ def entries_from_out(out, config_id, uris=None, limit=VIEWER_IMAGES, given=None,
             break
         try:
             model, meta = load_row(by_uri[uri], out, given)
-        except BadRow as e:
+            entries.append(model_entry(uri.rstrip("/").rsplit("/", 1)[-1], model, meta))
+        except (BadRow, NotDrawn) as e:
             log(f"view: warning: {uri!r}: {e}; not shown")
-            continue
-        entries.append(model_entry(uri.rstrip("/").rsplit("/", 1)[-1], model, meta))
     return entries, len(listed)
 
 

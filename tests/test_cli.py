@@ -124,3 +124,27 @@ def test_version():
     from importlib.metadata import version
     result = mrnet("--version")
     assert result.returncode == 0 and result.stdout == f"mrnet {version('mrnet')}\n"
+
+
+def test_every_option_says_its_default():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    def parsers(parser, name="mrnet"):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    silent = []
+    for name, parser in parsers(build_parser()):
+        chosen = {a for g in parser._mutually_exclusive_groups if g.required for a in g._group_actions}
+        for action in parser._actions:
+            # Switches, --help, --version and required options (alone or one of a group) have no default to state.
+            if not action.option_strings or action.required or action.nargs == 0 or action in chosen:
+                continue
+            if "default" not in (action.help or ""):
+                silent.append(f"{name} {action.option_strings[-1]}")
+    assert not silent, silent

@@ -47,7 +47,7 @@ def test_model_file_round_trip_from_cuda(bits):
     for i, blob in enumerate(blobs):
         model, meta = modelfile.from_bytes(blob, f"image {i}")
         assert psnr(render(model, 64, 64).clamp(0, 1), images[i : i + 1]).item() == pytest.approx(
-            records[i]["levels"][-1]["psnr"], abs=0.05)
+            records[i].levels[-1].psnr, abs=0.05)
 
 
 def test_a_batched_fit_on_cuda_equals_single_fits():

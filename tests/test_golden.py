@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mrnet_core.modelfile import from_bytes, to_bytes
+from mrnet_core.modelfile import ImageMeta, from_bytes, to_bytes
 from mrnet_core.network import Architecture, MRNet, StageSpec
 
 GOLDEN = Path(__file__).parent / "data"
 ARCH = Architecture("m", 3, (StageSpec(6, (5,), 20.0), StageSpec(8, (6,), 40.0)))
-META = {"width": 12, "height": 8, "channels": 3, "border": "reflect", "levels": [[4, 6], [8, 12]]}
+META = ImageMeta(12, 8, 3, 2)
 
 
 def golden_model():
@@ -35,7 +35,7 @@ def check(bits):
     data = (GOLDEN / f"golden-m{bits}.mrnet").read_bytes()
     assert to_bytes(golden_model(), META, bits) == data  # the writer still makes the same bytes
     model, meta = from_bytes(data)  # and the reader still reads them, to the same weights
-    assert meta["width"] == 12 and meta["height"] == 8 and model.arch == ARCH
+    assert meta == META and meta.sizes == ((4, 6), (8, 12)) and model.arch == ARCH
     return model
 
 

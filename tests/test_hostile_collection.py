@@ -9,7 +9,6 @@ import os
 import struct
 
 import pytest
-import ray
 import torch
 
 from mrnet_core import modelfile
@@ -20,16 +19,9 @@ from pipeline import store
 from pipeline.cli import main
 from pipeline.compare import IMAGES
 
+pytestmark = pytest.mark.usefixtures("local_ray")  # render-collection runs on Ray: tests/conftest.py
 CONFIG_ID = "0123456789abcdef"
 SIZE = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    # render-collection runs on Ray (it would start its own; one session for the module is quicker).
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def files_under(folder):
@@ -39,8 +31,7 @@ def files_under(folder):
 def model_file(preset="fast", seed=0):
     cfg = make_config(preset, {"levels": 2, "first": [8, 8], "hidden": [8, 8]})
     m = MRNet(cfg.architecture(3), batch=1, seed=seed)
-    meta = {"width": SIZE, "height": SIZE, "channels": 3, "levels": [[8, 8], [16, 16]],
-            "border": "wrap" if preset == "texture" else "reflect"}
+    meta = modelfile.ImageMeta(SIZE, SIZE, 3, 2, "wrap" if preset == "texture" else "reflect")
     return m.arch.to_json(), modelfile.to_bytes(m, meta)
 
 

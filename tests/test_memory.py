@@ -40,3 +40,12 @@ def test_max_batch_is_the_largest_that_fits():
     assert max_batch(cfg, 3, 128, 128, ten - 1) == 9
     assert max_batch(cfg, 3, 128, 128, one - 1) == 0
     assert max_batch(cfg, 3, 128, 128, 1 << 60, limit=256) == 256
+
+
+@pytest.mark.parametrize("size, levels", [(32, 4), (64, 5)])
+def test_the_estimate_bounds_the_measured_peak_of_a_latent_pyramid_encode(size, levels):
+    cfg = make_config("default", {"max_epochs": [3], "levels": levels}, model="g")
+    batch = torch.rand(3, 3, size, size)
+    measured = peak_allocated_bytes(lambda: encode(batch, cfg, device="cpu"))
+    estimate = encode_memory_bytes(cfg, 3, size, size, batch=3)
+    assert measured <= estimate <= 3 * measured, (measured, estimate)

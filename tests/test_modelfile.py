@@ -13,7 +13,7 @@ from mrnet_core.config import make_config
 from mrnet_core.network import Architecture, MRNet, StageSpec
 from mrnet_core.render import render
 
-META = {"width": 20, "height": 10, "channels": 3, "levels": [[5, 10], [10, 20]], "border": "reflect"}
+META = modelfile.ImageMeta(20, 10, 3, 2)
 
 
 def model(batch=2):
@@ -124,7 +124,7 @@ def test_corrupt_files_are_rejected_with_a_clear_error(tmp_path, name, data, rea
 
 def test_hostile_parameter_counts_are_refused_before_allocating():
     arch = Architecture("m", 3, (StageSpec(8000, (8000,), 30.0),))  # every width within bounds, 64 M parameters
-    header = modelfile._header(arch, {"width": 8, "height": 8}, 32)
+    header = modelfile._header(arch, modelfile.ImageMeta(8, 8, 3, 1), 32)
     with pytest.raises(modelfile.ModelFileError, match="more than any MR-Net"):
         modelfile.from_bytes(sealed(header))
 
@@ -141,13 +141,13 @@ def test_encode_measures_the_stored_model():
     cfg32 = make_config("fast", {"levels": 2, "max_epochs": [30, 30]})
     cfg8 = make_config("fast", {"levels": 2, "max_epochs": [30, 30], "weight_bits": 4, "qat_epochs": 0})
     (r32, _), (r8, blobs) = encode(images, cfg32, device="cpu"), encode(images, cfg8, device="cpu")
-    assert r8[0]["model_bytes"] == len(blobs[0]) < r32[0]["model_bytes"] / 3
+    assert r8[0].model_bytes == len(blobs[0]) < r32[0].model_bytes / 3
     stored, meta = modelfile.from_bytes(blobs[1])
-    assert meta["levels"] == [[8, 8], [16, 16]]
+    assert meta.sizes == ((8, 8), (16, 16))
     from mrnet_core.metrics import psnr
     direct = psnr(render(stored, 16, 16).clamp(0, 1), images[1:2])[0]
-    assert r8[1]["levels"][-1]["psnr"] == pytest.approx(float(direct), abs=0.01)
-    assert r8[1]["levels"][-1]["psnr"] < r32[1]["levels"][-1]["psnr"]
+    assert r8[1].levels[-1].psnr == pytest.approx(float(direct), abs=0.01)
+    assert r8[1].levels[-1].psnr < r32[1].levels[-1].psnr
 
 
 def edited(data, **fields):
@@ -208,7 +208,7 @@ def test_an_edited_size_without_a_new_checksum_is_caught():
 
 def test_the_writer_refuses_what_the_reader_would():
     grey_and_alpha = MRNet(Architecture("m", 2, (StageSpec(8, (8,), 8.0),)), batch=1)
-    meta = {"width": 8, "height": 8, "channels": 2, "levels": [[8, 8]], "border": "reflect"}
+    meta = modelfile.ImageMeta(8, 8, 2, 1)
     with pytest.raises(ValueError, match="2 channels"):
         modelfile.to_bytes(grey_and_alpha, meta)
 

@@ -15,7 +15,7 @@ from mrnet_core.images import DEFAULT_MAX_PIXELS
 from mrnet_core.network import MRNet
 from mrnet_core.render import render
 
-META = {"width": 20, "height": 10, "channels": 3, "levels": [[5, 10], [10, 20]], "border": "reflect"}
+META = modelfile.ImageMeta(20, 10, 3, 2)
 _MODEL = MRNet(make_config("fast", {"levels": 2}).architecture(3), batch=1, seed=4)
 FILES = {bits: modelfile.to_bytes(_MODEL, META, bits) for bits in (32, 16, 6, 2)}
 ORIGINALS = {bits: modelfile.from_bytes(data) for bits, data in FILES.items()}
@@ -87,7 +87,7 @@ def test_forged_files_are_refused_or_load_within_bounds(bits, data):
         assert str(e).startswith("forged.mrnet: ") and "\n" not in str(e)
         return
     # A forged file may be a different, valid model; it must still be one the bounds allow, and render.
-    assert 1 <= meta["width"] * meta["height"] <= DEFAULT_MAX_PIXELS, what
+    assert 1 <= meta.width * meta.height <= DEFAULT_MAX_PIXELS, what
     assert model.arch.params() <= modelfile.MAX_PARAMS, what
     assert all(torch.isfinite(p).all() for p in model.parameters()), what
-    assert render(model, 4, 4, index=0).shape == (meta["channels"], 4, 4), what
+    assert render(model, 4, 4, index=0).shape == (meta.channels, 4, 4), what

@@ -175,3 +175,28 @@ def test_worker_killed_mid_job_loses_and_duplicates_nothing(tmp_path):
     got = rows(out)
     assert len(got) == 6 and len({(r["uri"], r["image_id"]) for r in got}) == 6
     assert not victims[0].is_running()  # so the job finished on a restarted actor
+
+
+def test_latent_pyramids_encode_into_rows_thumbnails_and_the_report(samples, tmp_path, monkeypatch):
+    from mrnet_core.latent import LatentNet
+    images, out = tmp_path / "images", tmp_path / "out"
+    images.mkdir()
+    for name in ("astronaut.png", "coffee.png"):
+        (images / name).write_bytes((samples / name).read_bytes())
+    config = tmp_path / "g.toml"
+    config.write_text('[job]\nsize = 32\n[fit]\nmodel = "g"\nlevels = 3\nmax_epochs = [300]\nrate_weight = 0.001\n')
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["encode", str(images), "--out", str(out), "--config", str(config)]) == 0
+    got = rows(out)
+    assert len(got) == 2
+    for r in got:
+        assert json.loads(r["architecture"])["model"] == "g" and r["weight_bits"] == 0 and len(r["psnr"]) == 3
+        model, meta = modelfile.from_bytes(r["weights"])
+        assert isinstance(model, LatentNet) and (meta.width, meta.height, meta.levels) == (r["width"], r["height"], 3)
+        image = resize_long_side(read_image(r["uri"])[0], 32)
+        rendered = render(model, r["width"], r["height"], index=0).clamp(0, 1)
+        assert psnr(rendered[None], image[None]).item() == pytest.approx(r["psnr"][-1], abs=0.05)
+        assert r["psnr"][-1] > 16 and r["bpp"] == pytest.approx(8 * r["model_bytes"] / (r["width"] * r["height"]),
+                                                                rel=1e-3)
+        assert (out / "thumbnails" / r["image_id"] / "level_2.png").is_file()
+    assert (out / "report.html").is_file() and not (out / "viewer.html").exists()  # the viewer draws MR-Nets only

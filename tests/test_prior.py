@@ -116,7 +116,7 @@ def encoded(prior):
 
 def test_an_image_encoded_from_a_prior_decodes_only_with_that_prior(prior, encoded):
     _, records, blobs = encoded
-    assert all(r["prior_id"] == prior.prior_id for r in records)
+    assert all(r.prior_id == prior.prior_id for r in records)
     assert modelfile.required_prior(blobs[0]) == prior.prior_id
     model, meta = modelfile.from_bytes(blobs[0], "a.mrnet", prior)
     assert render(model, 32, 32).isfinite().all()
@@ -133,7 +133,7 @@ def test_decoding_gives_the_weights_the_encoder_measured(prior, encoded):
     for i, (r, blob) in enumerate(zip(records, blobs)):
         model, _ = modelfile.from_bytes(blob, "a", prior)
         out = render(model, 32, 32).clamp(0, 1)
-        assert psnr(out, images[i : i + 1]).item() == pytest.approx(r["levels"][-1]["psnr"], abs=1e-3)
+        assert psnr(out, images[i : i + 1]).item() == pytest.approx(r.levels[-1].psnr, abs=1e-3)
 
 
 def test_a_grey_image_starts_from_the_luma_mix_of_the_rgb_rung(prior):
@@ -167,8 +167,8 @@ def test_rate_control_from_a_prior_fills_the_budget_and_never_exceeds_it(measure
     budget = bpp * 64 * 64 / 8
     for r, blob in zip(records, blobs):
         assert len(blob) <= budget
-        assert len(blob) >= 0.9 * budget, (len(blob), budget, r["rate"], r["weight_bits"])
-        assert r["rate"]["met"] and r["prior_id"] == prior.prior_id
+        assert len(blob) >= 0.9 * budget, (len(blob), budget, r.rate, r.weight_bits)
+        assert r.rate.met and r.prior_id == prior.prior_id
         modelfile.from_bytes(blob, "x", prior)
 
 

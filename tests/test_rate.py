@@ -7,8 +7,7 @@ import torch
 from mrnet_core.config import ConfigError, make_config
 from mrnet_core.encode import encode, measure
 from mrnet_core.fit import fit
-from mrnet_core.modelfile import from_bytes, to_bytes
-from mrnet_core.pyramid import level_sizes
+from mrnet_core.modelfile import ImageMeta, from_bytes, to_bytes
 from mrnet_core.network import MRNet
 from mrnet_core.quantize import dequantise, fake_quantise, finetune, level_outputs, quantise, quantised_parameters
 from mrnet_core.rate import within_budget
@@ -44,10 +43,10 @@ def test_quantisation_aware_finetuning_beats_rounding_after_the_fit():
     images = photo("astronaut.png")[None]
     cfg = make_config("fast", {"levels": 2, "max_epochs": [150, 150], "weight_bits": 4})
     fitted, _ = fit(images, cfg, device="cpu")
-    rounded = measure(copy.deepcopy(fitted), images, cfg)[0][0]["levels"][-1]["psnr"]
+    rounded = measure(fitted, images, cfg)[0][0].levels[-1].psnr  # measure leaves `fitted` as trained
     tuned = copy.deepcopy(fitted)
     finetune(tuned, images, 4, epochs=40, lr=1e-4, batch_pixels=1024, levels=2)
-    after = measure(tuned, images, cfg)[0][0]["levels"][-1]["psnr"]
+    after = measure(tuned, images, cfg)[0][0].levels[-1].psnr
     assert after > rounded + 0.3
 
 
@@ -57,18 +56,17 @@ def test_target_bpp_keeps_every_image_under_it():
         cfg = make_config("fast", {"levels": 2, "max_epochs": [40, 40], "qat_epochs": 2, "target_bpp": target})
         records, blobs = encode(images, cfg, device="cpu")
         for r, blob in zip(records, blobs):
-            assert r["model_bytes"] == len(blob) <= target * 32 * 32 / 8
-            assert r["bpp"] <= target and r["rate"]["met"] and r["weight_bits"] == 8
+            assert r.model_bytes == len(blob) <= target * 32 * 32 / 8
+            assert r.bpp <= target and r.rate.met and r.weight_bits == 8
             # within reach of the budget: rate control sizes the widths up to it, not far below
-            assert r["bpp"] > 0.7 * target
+            assert r.bpp > 0.7 * target
 
 
 def test_a_file_over_its_budget_gets_coarser_steps_until_it_fits():
     images = photo("rocket.jpg")[None]
     cfg = make_config("fast", {"levels": 2, "max_epochs": [60, 60], "qat_epochs": 0, "weight_bits": 8})
     model, _ = fit(images, cfg, device="cpu")
-    meta = {"width": 32, "height": images.shape[-2], "border": "reflect",
-            "levels": [list(s) for s in level_sizes(images.shape[-2], 32, levels=2)[::-1]]}
+    meta = ImageMeta(32, images.shape[-2], 3, 2)
     natural = to_bytes(model, meta, 8)
     assert within_budget(model, meta, 8, 0, len(natural)) == (natural, 0)
     sizes = [len(to_bytes(model, meta, 8, coarser=k)) for k in (0, 4, 8, 16)]
@@ -89,21 +87,21 @@ def test_a_bigger_budget_buys_a_bigger_and_better_model():
     images = photo("coffee.png")[None]
     small, large = (encode(images, make_config("fast", {"levels": 2, "max_epochs": [60, 60], "qat_epochs": 2,
                                                          "target_bpp": t}), device="cpu")[0][0] for t in (2.0, 8.0))
-    assert large["params"] > 2 * small["params"]
-    assert large["levels"][-1]["psnr"] > small["levels"][-1]["psnr"]
+    assert large.params > 2 * small.params
+    assert large.levels[-1].psnr > small.levels[-1].psnr
 
 
 def test_target_psnr_takes_the_smallest_model_that_reaches_it():
     images = photo("chelsea.png")[None]
     cfg = make_config("fast", {"levels": 2, "max_epochs": [300, 300], "qat_epochs": 2, "weight_bits": 8})
     top = encode(images, cfg, device="cpu")[0][0]
-    target = top["levels"][-1]["psnr"] - 10  # reachable with a smaller model than the config's own (measured: -8 dB
+    target = top.levels[-1].psnr - 10  # reachable with a smaller model than the config's own (measured: -8 dB
     # at 0.63 of the widths, 42% of the parameters)
     record = encode(images, make_config("fast", {**cfg.to_dict(), "target_psnr": target}), device="cpu")[0][0]
-    assert record["rate"]["met"] and record["levels"][-1]["psnr"] >= target
-    assert record["params"] < top["params"]
+    assert record.rate.met and record.levels[-1].psnr >= target
+    assert record.params < top.params
     unreachable = encode(images, make_config("fast", {**cfg.to_dict(), "target_psnr": 99.0}), device="cpu")[0][0]
-    assert not unreachable["rate"]["met"] and unreachable["rate"]["scale"] == pytest.approx(1.0)
+    assert not unreachable.rate.met and unreachable.rate.scale == pytest.approx(1.0)
 
 
 def test_a_budget_below_the_smallest_model_is_a_clear_error():

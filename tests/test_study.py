@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from pipeline.study import curve_of, read_grid
+from pipeline.study import curve_of, html_table, read_grid, summary_table
 
 GRID = """
 [job]
@@ -97,3 +97,17 @@ def test_study_runs_every_config_through_the_pipeline_and_nests_its_runs(tmp_pat
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert all(c["done"] == 0 and c["skipped"] == 2 for c in again["configs"].values())
     assert len(pq.read_table(out / "study.parquet")) == 4
+
+
+def test_a_codec_cell_is_judged_on_the_images_that_codec_was_measured_on():
+    # JPEG fits only the first image's budget, and AVIF matches the second exactly (lossless): each codec's mean,
+    # and MR-Net's beside it, are over that codec's lossy figures only.
+    rows = [{"config": "c", "psnr": [28.0, 30.0], "bpp": 0.5, "jpeg_psnr": 29.0, "webp_psnr": 31.0, "avif_psnr": 25.0},
+            {"config": "c", "psnr": [18.0, 20.0], "bpp": 0.5, "jpeg_psnr": None, "webp_psnr": 19.0,
+             "avif_psnr": 120.0}]
+    [entry] = summary_table(rows, [("c", "c", None)])
+    assert entry["psnr"][-1] == 25.0 and entry["jpeg"] == 29.0 and entry["jpeg_versus"] == 30.0
+    assert entry["webp"] == 25.0 and entry["webp_versus"] == 25.0
+    assert entry["avif"] == 25.0 and entry["avif_lossless"] == 1 and entry["avif_versus"] == 30.0
+    cells = html_table([entry]).split("<td")[1:]  # config, images, bpp, PSNR, 2 levels, JPEG, WebP, AVIF, wins
+    assert [c.startswith(' class="win">') for c in cells[6:9]] == [True, True, True], cells

@@ -80,7 +80,7 @@ def test_seam_metric_sees_a_jump_at_the_boundary():
 
 def test_float16_model_files_stay_exactly_periodic(texture_fit, tmp_path):
     model, _, _ = texture_fit
-    meta = {"width": 32, "height": 32, "channels": 3, "levels": [[16, 16], [32, 32]]}
+    meta = modelfile.ImageMeta(32, 32, 3, 2)
     loaded, _ = modelfile.from_bytes(modelfile.to_bytes(model, meta, 16))
     shifted = render(loaded, 16, 16, window=(1.0, 1.0, 3.0, 3.0))
     assert torch.allclose(render(loaded, 16, 16), shifted, atol=1e-4)
@@ -89,7 +89,7 @@ def test_float16_model_files_stay_exactly_periodic(texture_fit, tmp_path):
 def test_mip_chain_sizes_levels_and_files(texture_fit, tmp_path):
     assert mip_sizes(8, 2) == [(8, 2), (4, 1), (2, 1), (1, 1)]
     model, _, _ = texture_fit
-    meta = {"width": 32, "height": 32, "channels": 3, "levels": [[16, 16], [32, 32]]}
+    meta = modelfile.ImageMeta(32, 32, 3, 2)
     manifest = export_mips(model, meta, tmp_path)
     sizes = [(e["width"], e["height"]) for e in manifest["images"]]
     assert sizes == [(32, 32), (16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
@@ -127,7 +127,7 @@ def test_export_collection_exports_every_texture_of_an_encode_job(texture_fit, t
     from pipeline import store
 
     model, cfg, images = texture_fit
-    meta = {"width": 32, "height": 32, "channels": 3, "levels": [[16, 16], [32, 32]]}
+    meta = modelfile.ImageMeta(32, 32, 3, 2)
     photo = MRNet(make_config("fast", {"levels": 2}).architecture(3))
     ids = {name: hashlib.sha256(name.encode()).hexdigest() for name in ("tex", "photo")}  # as encode makes them
     rows = [{"image_id": ids[name], "uri": f"{name}.png", "architecture": m.arch.to_json(),

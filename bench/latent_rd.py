@@ -1,0 +1,82 @@
+"""Latent pyramids (model g) against JPEG, WebP and AVIF at equal bytes: bpp, PSNR per level, encode time, and each
+photo's BD-rate against each codec over the rate weights. Prints markdown tables.
+
+    python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
+        --lams 0.01,0.003,0.001 [--steps 3000] [--size 256] [--threads 2]
+
+Every photo is resized so that its short side is --size and centre-cropped to a square, so that all of them are
+fitted together in one batch (`encode.encode`, as an encode job's actor does); times are the batch's, shared.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mrnet_core.config import make_config  # noqa: E402
+from mrnet_core.encode import encode  # noqa: E402
+from mrnet_core.images import read_image  # noqa: E402
+from pipeline.bjontegaard import bd_rate  # noqa: E402
+from pipeline.compare import CODECS, codec_at_budget, curves  # noqa: E402
+
+
+def square(path, size):
+    image = read_image(path)[0]
+    c, h, w = image.shape
+    scale = size / min(h, w)
+    shape = (max(size, round(h * scale)), max(size, round(w * scale)))
+    image = torch.nn.functional.interpolate(image[None], size=shape, mode="area")[0]
+    top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
+    return image[:, top : top + size, left : left + size].expand(3, -1, -1)
+
+
+def name_of(path):
+    path = Path(path)
+    return path.parents[2].name if "wallpapers" in str(path) else path.name
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--photos", nargs="+", required=True)
+    parser.add_argument("--lams", default="0.01,0.003,0.001", help="rate weights, comma-separated")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--levels", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    images = torch.stack([square(p, args.size) for p in args.photos])
+    names = [name_of(p) for p in args.photos]
+    results = []
+    print("| photo | rate weight | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | s per image |")
+    print("|---|---|---|---|---|---|---|---|")
+    for lam in (float(v) for v in args.lams.split(",")):
+        cfg = make_config("default", {"rate_weight": lam, "max_epochs": [args.steps], "levels": args.levels},
+                          model="g")
+        start = time.perf_counter()
+        records, blobs = encode(images, cfg, device="cpu")
+        seconds = (time.perf_counter() - start) / len(records)
+        for name, image, r, blob in zip(names, images, records, blobs):
+            codecs = {c: codec_at_budget(image, c, len(blob))[f"{c}_psnr"] for c in CODECS}
+            results.append({"photo": name, "bpp": r.bpp, "psnr": r.levels[-1].psnr})
+            show = " | ".join("-" if codecs[c] is None else f"{codecs[c]:.2f}" for c in CODECS)
+            print(f"| {name} | {lam:g} | {r.bpp:.3f} | {' / '.join(f'{lv.psnr:.2f}' for lv in r.levels)} | {show} | "
+                  f"{seconds:.0f} |", flush=True)
+    print("\n| photo | BD-rate vs JPEG | vs WebP | vs AVIF |\n|---|---|---|---|")
+    for name, image in zip(names, images):
+        mine = sorted((r["bpp"], r["psnr"]) for r in results if r["photo"] == name)
+        ladder = curves(image, name, "bench")
+        cells = []
+        for codec in CODECS:
+            theirs = sorted((c["bpp"], c["psnr"]) for c in ladder if c["codec"] == codec)
+            value = bd_rate(theirs, mine)
+            cells.append("-" if value is None else f"{value:+.1f}%")
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
