@@ -163,11 +163,11 @@ class FitConfig:
             raise ConfigError(f"prior: must be auto, none, default or a prior file's path, not {_show(cfg.prior)}")
         if not isinstance(cfg.periodic, bool):
             raise ConfigError(f"periodic: must be true or false, not {_show(cfg.periodic)}")
+        if cfg.model == "g":
+            return cfg._validate_latent()
         if cfg.periodic and cfg.weight_bits <= 8:
             raise ConfigError("weight_bits: periodic models keep float weights (32 or 16): their frequencies stay "
                               "integers")
-        if cfg.model == "g":
-            return cfg._validate_latent()
         if cfg.target == "laplacian" and cfg.model == "m":
             raise ConfigError("target: M-Net stages build on each other and need gaussian targets")
         if cfg.periodic and cfg.model == "f":
@@ -187,6 +187,9 @@ class FitConfig:
 
     def _validate_latent(self) -> "FitConfig":
         """The checks of a latent pyramid's config (`validate` has checked every number already)."""
+        if self.weight_bits != 32:
+            raise ConfigError(f"weight_bits: a latent pyramid stores integers on steps of its own fit; weight_bits "
+                              f"does not apply to model g (leave it at 32), not {self.weight_bits}")
         if self.target_bpp or self.target_psnr:
             raise ConfigError("target_bpp, target_psnr: a latent pyramid's rate is set by rate_weight; rate control "
                               "for model g is not built yet")

@@ -30,6 +30,9 @@ from .images import DEFAULT_MAX_PIXELS
 from .pyramid import gaussian_pyramid, level_sizes, pixel_grid
 
 NOISE_SHARE = 0.8  # of the steps trained through uniform noise; the rest through straight-through rounding
+# Latents per image, at most: a 12.5 Mpx image's pyramid (about 4/3 of its pixels). It bounds what a model file can
+# make a reader allocate and decode (at about a million symbols a second) whatever its header says.
+MAX_LATENTS = 2**24
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,11 @@ class LatentArchitecture:
     def __post_init__(self):
         if self.channels < 1 or not self.hidden or any(w < 1 for w in self.hidden):
             raise ValueError(f"channels and hidden widths must be positive, not {self.channels}, {self.hidden}")
-        level_sizes(self.height, self.width, levels=self.levels)  # ValueError when too small for the levels
+        sizes = level_sizes(self.height, self.width, levels=self.levels)  # ValueError when too small for the levels
+        if sum(h * w for h, w in sizes) > MAX_LATENTS:
+            raise ValueError(f"a {self.width}x{self.height} image's {self.levels} grids hold "
+                             f"{sum(h * w for h, w in sizes):,} latents, over a latent pyramid's limit of "
+                             f"{MAX_LATENTS:,} (about 12.5 Mpx); use --size")
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -335,8 +342,30 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
     with torch.no_grad():
         for i, (tensor, shape, (code, top)) in enumerate(zip(tensors, shapes, groups)):
             n = math.prod(shape)
-            symbols = decoder.decode(_laplace(top, code), n) if top else np.zeros(n, np.int32)
+            try:
+                symbols = decoder.decode(_laplace(top, code), n) if top else np.zeros(n, np.int32)
+            except (AssertionError, ValueError):  # constriction: words that no symbols could have made
+                raise fail("payload is corrupt: its words are not a coding of these symbols") from None
             values = torch.from_numpy(symbols.astype(np.float32)).reshape(1, *shape)
             tensor.copy_(values if i < levels else values * 2.0**-exponent)  # latents, then weights in 2^-e steps
+    if output_bound(model) > MAX_OUTPUT:
+        raise fail("its latents and weights can drive the output beyond any pixel value (overflow)")
     model.exponents = [exponent]
     return model.requires_grad_(False)
+
+
+MAX_OUTPUT = 1e30  # far above any fitted model's bound (a pixel is 0 to 1), far below float32's overflow
+
+
+def output_bound(model: LatentNet, index: int = 0) -> float:
+    """A bound on |f(x, t)| for image `index` at every x and t, by interval arithmetic: interpolation and c_k(t)
+    keep features within the largest |latent|, and each layer maps a bound b to max_j sum_i |W_ij| b + |b_j|."""
+    with torch.no_grad():
+        return _bound(model, index)
+
+
+def _bound(model, index):
+    bound = max(float(g[index].abs().max()) for g in model.grids)
+    for w, b in zip(model.weights, model.biases):
+        bound = float((w[index].abs().sum(0) * bound + b[index].abs()).max())
+    return bound

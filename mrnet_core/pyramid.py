@@ -27,7 +27,7 @@ def level_sizes(height: int, width: int, levels: int | None = None, min_size: in
         if levels is None and min(nh, nw) < min_size:
             return sizes
         if min(h, w) < 2:
-            raise ValueError(f"a {height}x{width} image is too small for {levels} levels")
+            raise ValueError(f"a {width}x{height} image is too small for {levels} levels")
         sizes.append((nh, nw))
 
 

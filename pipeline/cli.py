@@ -295,7 +295,7 @@ def cmd_view(args):
         try:
             entries, total = [viewer.model_entry(Path(source).stem, model, meta)], 1
         except viewer.NotDrawn as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"{source}: {e}") from None
     data = viewer.page(entries, title=f"MR-Net viewer: {Path(source).name}").encode()
     with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False) as f:
         tmp = Path(f.name)  # a fresh name of its own (O_EXCL): never a file or link already there
@@ -354,7 +354,7 @@ def build_parser():
     p.add_argument("--config", help="TOML or JSON file: fit keys, or [fit] and [job] tables as for encode (see "
                                     "README) (default: none)")
     p.add_argument("--size", type=int, help="resize so that the long side is S pixels (default: as read)")
-    p.add_argument("--levels", type=int, help="number of levels (stages) (default: the preset's, 3 in every one)")
+    p.add_argument("--levels", type=int, help="number of levels (stages) (default 3; 7 for model g)")
     p.add_argument("--seed", type=int, help="seed of the random initialisation (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     for flag, kind, text in FIT_FLAGS:
@@ -395,7 +395,7 @@ def build_parser():
                              ("--preset", str, "default, fast, texture or compact (default: the config's [job] "
                                                "preset, else default)"),
                              ("--size", int, "resize the long side to S pixels (default: as read)"),
-                             ("--levels", int, "levels (stages) (default: the preset's, 3 in every one)"),
+                             ("--levels", int, "levels (stages) (default 3; 7 for model g)"),
                              ("--ray-address", str, "join this Ray cluster (default: a local one)"),
                              ("--num-gpus", float, "GPUs per actor (default: 1 when the cluster has GPUs, else 0)"),
                              ("--actors", int, "most fitting actors (default: one per GPU, or every CPU but one)"),

@@ -106,7 +106,7 @@ class NotDrawn(ValueError):
 def model_entry(name, model, meta, index=0):
     """What the page needs of one model: its shader, weights and level sizes; NotDrawn for a latent pyramid."""
     if model.arch.model not in MODELS:
-        raise NotDrawn(f"{name}: the live viewer draws MR-Nets; latent pyramids (model g) are not drawn yet")
+        raise NotDrawn("the live viewer draws MR-Nets; latent pyramids (model g) are not drawn yet")
     weights = flat_weights(model, index)
     return {"name": name, "shader": shader_source(model.arch), "weights": base64.b64encode(weights.tobytes()).decode(),
             "count": int(weights.size), "levels": [list(s) for s in meta.sizes], "width": meta.width,

@@ -140,13 +140,13 @@ def test_corrupt_truncated_and_forged_symbol_counts_are_refused(fitted):
     with pytest.raises(modelfile.ModelFileError, match="checksum mismatch|truncated"):
         modelfile.from_bytes(data[:-7])
     # A header that says a tiny payload holds the latents of a huge image is refused without decoding them.
-    big = modelfile.to_bytes(_model_of(latent.LatentArchitecture(3, 4096, 4096, 2, (4,))),
-                             modelfile.ImageMeta(4096, 4096, 3, 2))
+    big = modelfile.to_bytes(_model_of(latent.LatentArchitecture(3, 3000, 3000, 2, (4,))),
+                             modelfile.ImageMeta(3000, 3000, 3, 2))
     assert len(big) < 200
     loaded, _ = modelfile.from_bytes(big)  # all-zero grids are not coded at all: nothing to decode
     first_group = HEAD + struct.calcsize("<4BII") + struct.calcsize("<HB")
     forged = _edited(big, first_group + 1, "<I", 5)  # the coarsest grid now claims coded symbols
-    forged = _edited(forged, first_group + 5 + 1, "<I", 5)  # and so does the finest: 16.7 M of them
+    forged = _edited(forged, first_group + 5 + 1, "<I", 5)  # and so does the finest: 9 M of them
     with pytest.raises(modelfile.ModelFileError, match="symbols cannot come from"):
         modelfile.from_bytes(forged)
 
@@ -158,3 +158,42 @@ def _model_of(arch):
         for t in [*model.weights, *model.biases]:
             t.copy_(torch.round(t * 256) / 256)
     return model
+
+
+def test_random_damage_behind_a_recomputed_checksum_is_an_error_or_a_finite_model(fitted):
+    # A forger can recompute the CRC: then every byte is hostile, and the reader must still end in a ModelFileError
+    # or a model whose frames are finite numbers, never another exception.
+    data = modelfile.to_bytes(fitted[0], META)
+    generator = torch.Generator().manual_seed(0)
+    outcomes = {"error": 0, "model": 0}
+    for _ in range(300):
+        position = int(torch.randint(len(modelfile.MAGIC) + 4, len(data) - 4, (1,), generator=generator))
+        forged = _edited(data, position, "<B", int(torch.randint(0, 256, (1,), generator=generator)))
+        try:
+            model, _ = modelfile.from_bytes(forged, "forged.mrnet")
+        except modelfile.ModelFileError as e:
+            assert str(e).startswith("forged.mrnet: ")
+            outcomes["error"] += 1
+            continue
+        assert torch.isfinite(render(model, 8, 8)).all()
+        outcomes["model"] += 1
+    assert outcomes["error"] > 0 and outcomes["model"] > 0, outcomes  # both paths were exercised
+
+
+def test_values_that_could_overflow_and_pyramids_over_the_latent_limit_are_refused():
+    arch = latent.LatentArchitecture(3, 16, 16, 2, (64, 64, 64, 64))
+    model = latent.LatentNet(arch)
+    model.exponents = [0]
+    with torch.no_grad():
+        for t in [*model.grids, *model.weights, *model.biases]:
+            t.fill_(2.0**20)  # every value within a file's bounds; together far past float32's range
+    data = modelfile.to_bytes(model, modelfile.ImageMeta(16, 16, 3, 2))
+    with pytest.raises(modelfile.ModelFileError, match="overflow"):
+        modelfile.from_bytes(data, "huge.mrnet")
+    with pytest.raises(ValueError, match="over a latent pyramid's limit"):
+        latent.LatentArchitecture(3, 5000, 5000, 2)
+    small = modelfile.to_bytes(_model_of(latent.LatentArchitecture(3, 64, 64, 2, (4,))),
+                               modelfile.ImageMeta(64, 64, 3, 2))
+    forged = _edited(_edited(small, HEAD + 4, "<I", 13000), HEAD + 8, "<I", 13000)
+    with pytest.raises(modelfile.ModelFileError, match="over a latent pyramid's limit"):
+        modelfile.from_bytes(forged)
