@@ -217,9 +217,7 @@ def measure(model: MRNet, images: torch.Tensor, cfg: FitConfig, bits: int | None
     every level's quality measured on the stored model, not the trained one (`model` itself is left as it is).
     With a `budget` (bytes; quantised weights only) records say how much coarser the steps had to be
     (negative: finer, which an encode from a `prior` does, or any with `finer`; see `rate.within_budget`)."""
-    bits = bits or cfg.weight_bits
-    if cfg.model == "g":  # stored as fitted: integer latents, weights on their step (`latent.quantise_weights`)
-        bits = 32
+    bits = bits or cfg.weight_bits  # 32 for a latent pyramid (its config allows no other): stored as fitted
     b, c, h, w = images.shape
     meta = ImageMeta(w, h, c, cfg.levels, cfg.border)
     if budget:
@@ -228,7 +226,7 @@ def measure(model: MRNet, images: torch.Tensor, cfg: FitConfig, bits: int | None
                                for i in range(b)))
     else:
         blobs, coarser = [to_bytes(model, meta, bits, index=i, prior=prior) for i in range(b)], None
-    stored_bits = [bits] * b
+    stored_bits = [0 if cfg.model == "g" else bits] * b  # 0: no weight width (see `Encoding.weight_bits`)
     if bits != 32:
         model = copy.deepcopy(model)  # measured as stored; the caller's model stays as trained
         with torch.no_grad():
@@ -239,8 +237,6 @@ def measure(model: MRNet, images: torch.Tensor, cfg: FitConfig, bits: int | None
                     p[i].copy_(q[0])
     levels = level_metrics(model, images, cfg)
     coarser = coarser or [None] * b
-    if cfg.model == "g":
-        stored_bits = [0] * b  # no weight width: see `Encoding.weight_bits`
     records = [Encoding(w, h, c, cfg.model, model.arch.to_json(), model.arch.params(),
                         None if prior is None else prior.prior_id, stored_bits[i], len(blob), w * h * c,
                         round(8 * len(blob) / (w * h), 4), tuple(levels[i]), coarser[i])

@@ -49,10 +49,10 @@ class LatentArchitecture:
         if self.channels < 1 or not self.hidden or any(w < 1 for w in self.hidden):
             raise ValueError(f"channels and hidden widths must be positive, not {self.channels}, {self.hidden}")
         sizes = level_sizes(self.height, self.width, levels=self.levels)  # ValueError when too small for the levels
-        if sum(h * w for h, w in sizes) > MAX_LATENTS:
-            raise ValueError(f"a {self.width}x{self.height} image's {self.levels} grids hold "
-                             f"{sum(h * w for h, w in sizes):,} latents, over a latent pyramid's limit of "
-                             f"{MAX_LATENTS:,} (about 12.5 Mpx); use --size")
+        latents = sum(h * w for h, w in sizes)
+        if latents > MAX_LATENTS:
+            raise ValueError(f"a {self.width}x{self.height} image's {self.levels} grids hold {latents:,} latents, "
+                             f"over a latent pyramid's limit of {MAX_LATENTS:,} (about 12.5 Mpx); use --size")
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -357,14 +357,10 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
 MAX_OUTPUT = 1e30  # far above any fitted model's bound (a pixel is 0 to 1), far below float32's overflow
 
 
+@torch.no_grad()
 def output_bound(model: LatentNet, index: int = 0) -> float:
     """A bound on |f(x, t)| for image `index` at every x and t, by interval arithmetic: interpolation and c_k(t)
     keep features within the largest |latent|, and each layer maps a bound b to max_j sum_i |W_ij| b + |b_j|."""
-    with torch.no_grad():
-        return _bound(model, index)
-
-
-def _bound(model, index):
     bound = max(float(g[index].abs().max()) for g in model.grids)
     for w, b in zip(model.weights, model.biases):
         bound = float((w[index].abs().sum(0) * bound + b[index].abs()).max())

@@ -118,6 +118,8 @@ def cmd_fit(args):
     return 1 if failed else 0
 
 
+MODEL_HELP = "m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP, g: latent pyramid"
+
 # Render windows may tile the domain many times over, but not so far out that float32 coordinates lose their pixels.
 MAX_DOMAIN = 1000.0
 MAX_VIEWER_IMAGES = 1000  # a page holds every model's weights
@@ -348,7 +350,7 @@ def build_parser():
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", choices=sorted(MODELS),
-                   help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP, g: latent pyramid")
+                   help=MODEL_HELP)
     p.add_argument("--preset", help="default, fast, texture or compact (default: the config's [job] preset, else "
                                     "default)")
     p.add_argument("--config", help="TOML or JSON file: fit keys, or [fit] and [job] tables as for encode (see "
@@ -406,7 +408,7 @@ def build_parser():
     for flag, kind, text in FIT_FLAGS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--model", choices=sorted(MODELS),
-                   help="m: M-Net (default), l: L-Net, s: S-Net, f: Fourier-feature MLP, g: latent pyramid")
+                   help=MODEL_HELP)
     p.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     p.add_argument("--no-render", action="store_true", help="skip the thumbnails, comparison and report")
     p.add_argument("--wait", action="store_true", default=None,
