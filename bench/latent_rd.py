@@ -1,8 +1,8 @@
-"""Latent pyramids (model g) against JPEG, WebP and AVIF at equal bytes: bpp, PSNR per level, encode time, and each
-photo's BD-rate against each codec over the rate weights. Prints markdown tables.
+"""Latent pyramids (model g) against JPEG, WebP and AVIF at equal bytes: bpp, PSNR per level, encode, decode and
+render times, and each photo's BD-rate against each codec over the rates. Prints markdown tables.
 
     python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
-        --lams 0.01,0.003,0.001 [--steps 3000] [--size 256] [--threads 2]
+        (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context]
 
 Every photo is resized so that its short side is --size and centre-cropped to a square, so that all of them are
 fitted together in one batch (`encode.encode`, as an encode job's actor does); times are the batch's, shared.
@@ -20,6 +20,8 @@ sys.path.insert(0, str(ROOT))
 from mrnet_core.config import make_config  # noqa: E402
 from mrnet_core.encode import encode  # noqa: E402
 from mrnet_core.images import read_image  # noqa: E402
+from mrnet_core.modelfile import from_bytes  # noqa: E402
+from mrnet_core.render import render  # noqa: E402
 from pipeline.bjontegaard import bd_rate  # noqa: E402
 from pipeline.compare import CODECS, codec_at_budget, curves  # noqa: E402
 
@@ -42,30 +44,42 @@ def name_of(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", nargs="+", required=True)
-    parser.add_argument("--lams", default="0.01,0.003,0.001", help="rate weights, comma-separated")
+    rates = parser.add_mutually_exclusive_group()
+    rates.add_argument("--lams", default="0.01,0.003,0.001", help="rate weights, comma-separated")
+    rates.add_argument("--bpps", help="rate targets (target_bpp), comma-separated; instead of --lams")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--levels", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--entropy", default="context", choices=("context", "factorised"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = torch.stack([square(p, args.size) for p in args.photos])
     names = [name_of(p) for p in args.photos]
     results = []
-    print("| photo | rate weight | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | s per image |")
-    print("|---|---|---|---|---|---|---|---|")
-    for lam in (float(v) for v in args.lams.split(",")):
-        cfg = make_config("default", {"rate_weight": lam, "max_epochs": [args.steps], "levels": args.levels},
-                          model="g")
+    print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | encode s per image | "
+          "decode s | render 256 px s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
+    for value in (float(v) for v in values.split(",")):
+        cfg = make_config("default", {key: value, "max_epochs": [args.steps], "levels": args.levels,
+                                      "entropy": args.entropy}, model="g")
         start = time.perf_counter()
         records, blobs = encode(images, cfg, device="cpu")
         seconds = (time.perf_counter() - start) / len(records)
         for name, image, r, blob in zip(names, images, records, blobs):
+            start = time.perf_counter()
+            model = from_bytes(blob)[0]
+            decode = time.perf_counter() - start
+            start = time.perf_counter()
+            render(model, 256, 256)
+            draw = time.perf_counter() - start
             codecs = {c: codec_at_budget(image, c, len(blob))[f"{c}_psnr"] for c in CODECS}
             results.append({"photo": name, "bpp": r.bpp, "psnr": r.levels[-1].psnr})
             show = " | ".join("-" if codecs[c] is None else f"{codecs[c]:.2f}" for c in CODECS)
-            print(f"| {name} | {lam:g} | {r.bpp:.3f} | {' / '.join(f'{lv.psnr:.2f}' for lv in r.levels)} | {show} | "
-                  f"{seconds:.0f} |", flush=True)
+            rate = f"{value:g} bpp" if args.bpps else f"lambda {value:g}"
+            print(f"| {name} | {rate} | {r.bpp:.3f} | {' / '.join(f'{lv.psnr:.2f}' for lv in r.levels)} | {show} | "
+                  f"{seconds:.0f} | {decode:.2f} | {draw:.3f} |", flush=True)
     print("\n| photo | BD-rate vs JPEG | vs WebP | vs AVIF |\n|---|---|---|---|")
     for name, image in zip(names, images):
         mine = sorted((r["bpp"], r["psnr"]) for r in results if r["photo"] == name)

@@ -146,6 +146,9 @@ class FitConfig:
     # of the rate-distortion loss). Higher: smaller files. Their MLP has hidden_layers layers of the finest `hidden`
     # width, and fits for the finest max_epochs (steps) at the finest lr.
     rate_weight: float = 0.003
+    # Latent pyramids only: the latents' probability model, "context" (a small network over the latents decoded before,
+    # in the file) or "factorised" (one Laplace per grid).
+    entropy: str = "context"
 
     def validate(self) -> "FitConfig":
         """This config with every number checked against BOUNDS (per-stage keys as tuples), and the keys checked
@@ -153,7 +156,7 @@ class FitConfig:
         checked = {key: _checked(key, getattr(self, key)) for key in BOUNDS}
         cfg = replace(self, **checked)
         choices = {"model": MODELS, "target": ("gaussian", "laplacian"), "border": ("reflect", "wrap"),
-                   "weight_bits": (32, 16, 8, 7, 6, 5, 4, 3, 2)}
+                   "weight_bits": (32, 16, 8, 7, 6, 5, 4, 3, 2), "entropy": ("context", "factorised")}
         for key, allowed in choices.items():
             value = getattr(cfg, key)
             if value not in tuple(allowed):  # a tuple: a list value must not be hashed
@@ -190,9 +193,9 @@ class FitConfig:
         if self.weight_bits != 32:
             raise ConfigError(f"weight_bits: a latent pyramid stores integers on steps of its own fit; weight_bits "
                               f"does not apply to model g (leave it at 32), not {self.weight_bits}")
-        if self.target_bpp or self.target_psnr:
-            raise ConfigError("target_bpp, target_psnr: a latent pyramid's rate is set by rate_weight; rate control "
-                              "for model g is not built yet")
+        if self.target_psnr:
+            raise ConfigError("target_psnr: a latent pyramid's quality is set by rate_weight or target_bpp; a PSNR "
+                              "target for model g is not built yet")
         if self.prior not in ("auto", "none"):
             raise ConfigError(f"prior: latent pyramids start from no prior, not {_show(self.prior)}")
         if self.target != "gaussian" or self.hidden_layers < 1:
@@ -205,7 +208,8 @@ class FitConfig:
     def latent_architecture(self, channels: int, height: int, width: int) -> LatentArchitecture:
         """The latent pyramid (model "g") of this config for an image of height x width."""
         hidden = (int(self.per_stage("hidden")[-1]),) * self.hidden_layers
-        return LatentArchitecture(channels, width, height, self.levels, hidden, self.periodic)
+        return LatentArchitecture(channels, width, height, self.levels, hidden, self.periodic,
+                                  self.entropy == "context")
 
     def per_stage(self, key: str) -> list:
         """A per-stage list of `levels` entries, finest-aligned (see the note on `first`)."""
@@ -225,8 +229,8 @@ class FitConfig:
 
     def to_dict(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-        if self.model != "g":  # a key MR-Nets do not read: left out, so their config ids stay as they were
-            del out["rate_weight"]
+        if self.model != "g":  # keys MR-Nets do not read: left out, so their config ids stay as they were
+            del out["rate_weight"], out["entropy"]
         return out
 
 

@@ -1,5 +1,6 @@
 """Encode a batch of same-sized images: fit, then measure every level against the original's pyramid."""
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -20,6 +21,10 @@ from .network import Architecture, MRNet
 from .prior import Prior
 from .rate import RateChoice, encode_at_rate, prior_rungs, within_budget
 from .render import render
+
+
+LATENT_RATE_TRIES = 3  # fits of a latent pyramid whose file comes out over its bpp target
+LATENT_RATE_AIM = 0.97  # of its budget a latent pyramid's fit aims at: the estimate is within a few percent
 
 
 @dataclass(frozen=True)
@@ -133,18 +138,45 @@ def encode(images: torch.Tensor, cfg: FitConfig, device: str | torch.device | No
 def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
                   progress: Callable[[int, int, torch.Tensor], None] | None = None
                   ) -> tuple[list[Encoding], list[bytes]]:
-    """`encode` for latent pyramids (cfg.model "g", `latent.py`): fit the batch, quantise each image's MLP, store."""
+    """`encode` for latent pyramids (cfg.model "g", `latent.py`): fit the batch, quantise each image's MLP, store.
+
+    With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the
+    budget (`latent.fit`'s target), aiming a little under; an image whose file still comes out over is fitted
+    again aiming lower, up to LATENT_RATE_TRIES fits. Records say the rate weight reached and whether it fits."""
     start = time.perf_counter()
     images = images.to(devices.resolve(device))
-    arch = cfg.latent_architecture(*images.shape[1:])
+    b, c, h, w = images.shape
+    arch = cfg.latent_architecture(c, h, w)
     steps, lr = int(cfg.per_stage("max_epochs")[-1]), float(cfg.per_stage("lr")[-1])
-    model = latent.fit(images, arch, cfg.rate_weight, steps, lr, border=cfg.border, seed=cfg.seed,
-                       progress=None if progress is None else lambda step, loss: progress(0, step, loss))
-    latent.quantise_weights(model, images, cfg.rate_weight)
-    check_finite(model)
+    budget = math.floor(cfg.target_bpp * h * w / 8) if cfg.target_bpp else None
+    if budget is not None:
+        weights = arch.params() - sum(gh * gw for gh, gw in arch.sizes)
+        fixed = 7 * weights // 8 + 48  # fitted weights cost about 7 bits each; the header and group table
+        if budget < fixed + 64:
+            raise ConfigError(f"target_bpp: {budget} bytes for a {w}x{h} image leave too little for its latents "
+                              f"beside the network's weights (about {fixed} bytes); raise target_bpp")
+        aims = torch.full((b,), 8.0 * (budget - fixed) * LATENT_RATE_AIM, device=images.device)
+    records, blobs = [None] * b, [None] * b
+    todo = list(range(b))
+    for _ in range(1 if budget is None else LATENT_RATE_TRIES):
+        batch = images[todo]
+        model = latent.fit(batch, arch, cfg.rate_weight, steps, lr, border=cfg.border, seed=cfg.seed,
+                           progress=None if progress is None else lambda step, loss: progress(0, step, loss),
+                           target_bits=None if budget is None else aims[todo])
+        latent.quantise_weights(model, batch, model.rate_weights)
+        check_finite(model)
+        for i, record, blob in zip(todo, *measure(model, batch, cfg)):
+            records[i], blobs[i] = record, blob
+            if budget is not None:
+                records[i] = replace(record, rate=RateChoice(1.0, None, cfg.target_bpp, None, len(blob) <= budget,
+                                                             round(model.rate_weights[todo.index(i)], 6)))
+        over = [i for i in todo if budget is not None and len(blobs[i]) > budget]
+        for i in over:  # aim lower by as much as the file was over
+            aims[i] *= budget / len(blobs[i]) * LATENT_RATE_AIM
+        todo = over
+        if not todo:
+            break
     seconds = time.perf_counter() - start
-    records, blobs = measure(model, images, cfg)
-    b = len(records)
     return [replace(r, fit_seconds=round(seconds / b, 3), batch=b, stages=(StageFit(arch.params(), steps, 0.0),))
             for r in records], blobs
 

@@ -11,8 +11,9 @@ the coarsest k grids alone, fractional t blends, and f can be drawn at any size 
 
 Where an MR-Net keeps the image in its weights, this keeps it in the latents, which entropy-code far better: they
 are trained for it, under a rate-distortion loss (`fit`): every level's squared error plus `lam` times the latents'
-bits per pixel under a zero-mean Laplace per grid, with uniform noise standing in for rounding (Ballé et al. 2017),
-then straight-through rounding to finish (as Cool-chic, Ladune et al. 2023, does). The file format is in modelfile.py.
+bits per pixel under their entropy model (a context model over the latents decoded before each, or a Laplace per
+grid), with uniform noise standing in for rounding (Ballé et al. 2017), then straight-through rounding to finish (as
+Cool-chic, Ladune et al. 2023, does). The payload format is below; the file's envelope is modelfile.py's.
 """
 import json
 import math
@@ -30,9 +31,18 @@ from .images import DEFAULT_MAX_PIXELS
 from .pyramid import gaussian_pyramid, level_sizes, pixel_grid
 
 NOISE_SHARE = 0.8  # of the steps trained through uniform noise; the rest through straight-through rounding
+# A rate target steers the rate weight (`fit`) from this share of the steps on, by up to e^(RATE_GAIN / 2) over a fit.
+RATE_WARMUP = 0.2
+RATE_GAIN = 20.0
 # Latents per image, at most: a 12.5 Mpx image's pyramid (about 4/3 of its pixels). It bounds what a model file can
 # make a reader allocate and decode (at about a million symbols a second) whatever its header says.
 MAX_LATENTS = 2**24
+# Wavefronts of a context-coded pyramid, at most (`decode_order`): about 3h + w per grid, each a vectorised step of a
+# fraction of a millisecond, so no file, however small, can make decoding take minutes.
+MAX_DECODE_STEPS = 2**16
+# A latent's Laplace scale is 2^(MIN_LOG2_SCALE + code / 16) for a code of 0 to 255, in fitting as in files.
+MIN_LOG2_SCALE = -3
+MAX_LOG2_SCALE = MIN_LOG2_SCALE + 255 / 16
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,7 @@ class LatentArchitecture:
     levels: int  # grids, one per level of detail
     hidden: tuple = (16, 16)  # the MLP's hidden widths
     periodic: bool = False  # grids wrap around: the image tiles the plane with period 2
+    context: bool = True  # the latents' probabilities come from a context model (below); False: a Laplace per grid
     model: str = "g"
 
     def __post_init__(self):
@@ -53,6 +64,10 @@ class LatentArchitecture:
         if latents > MAX_LATENTS:
             raise ValueError(f"a {self.width}x{self.height} image's {self.levels} grids hold {latents:,} latents, "
                              f"over a latent pyramid's limit of {MAX_LATENTS:,} (about 12.5 Mpx); use --size")
+        steps = sum(3 * (h - 1) + w for h, w in sizes)  # wavefronts (`decode_order`): a bound on a decode's time
+        if self.context and steps > MAX_DECODE_STEPS:
+            raise ValueError(f"a {self.width}x{self.height} image's grids take {steps:,} steps to decode, over the "
+                             f"limit of {MAX_DECODE_STEPS:,} (a long, thin image); use entropy = \"factorised\"")
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -64,8 +79,9 @@ class LatentArchitecture:
         return list(zip(widths, widths[1:]))
 
     def params(self) -> int:
-        """Weights and latents per image."""
-        return sum((fi + 1) * fo for fi, fo in self.layer_shapes()) + sum(h * w for h, w in self.sizes)
+        """Weights and latents per image (with the context model's weights)."""
+        shapes = self.layer_shapes() + (CONTEXT_SHAPES if self.context else [])
+        return sum((fi + 1) * fo for fi, fo in shapes) + sum(h * w for h, w in self.sizes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -102,6 +118,7 @@ class LatentNet(nn.Module):
         super().__init__()
         self.arch, self.batch = arch, batch
         self.exponents = [None] * batch  # per image: its MLP weights are multiples of 2^-e (`quantise_weights`)
+        self.rate_weights = [None] * batch  # per image: the rate weight its fit ended at (`fit`)
         generator = torch.Generator().manual_seed(seed)
         self.grids = nn.ParameterList([nn.Parameter(torch.zeros(batch, h, w)) for h, w in arch.sizes])
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
@@ -111,6 +128,16 @@ class LatentNet(nn.Module):
             draw = (torch.rand(1, fan_in, fan_out, generator=generator) * 2 - 1) * bound
             self.weights.append(nn.Parameter(draw.repeat(batch, 1, 1)))
             self.biases.append(nn.Parameter(torch.zeros(batch, fan_out)))
+        # The entropy model: each grid's log2 Laplace scale (the context model's offset for that grid), and the
+        # context model's layers, whose last starts at zero (every latent at mean 0 and its grid's scale).
+        self.grid_scales = nn.Parameter(torch.zeros(batch, arch.levels))
+        self.context_weights, self.context_biases = nn.ParameterList(), nn.ParameterList()
+        self.context_exponents = [None] * batch  # per image: its context weights are multiples of 2^-e
+        for j, (fan_in, fan_out) in enumerate(CONTEXT_SHAPES if arch.context else []):
+            bound = math.sqrt(6 / fan_in) / 2 if j == 0 else 0.0
+            draw = (torch.rand(1, fan_in, fan_out, generator=generator) * 2 - 1) * bound
+            self.context_weights.append(nn.Parameter(draw.repeat(batch, 1, 1)))
+            self.context_biases.append(nn.Parameter(torch.zeros(batch, fan_out)))
 
     def forward(self, coords: torch.Tensor, t: float | None = None,
                 latents: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -144,10 +171,10 @@ class LatentNet(nn.Module):
         return h
 
 
-def laplace_bits(symbols: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
-    """Bits of each value of `symbols` [B, ...] (integers, or integers plus noise) under a zero-mean Laplace of scale
-    exp(log_scale) [B], integrated over its unit-wide bin: [B, ...]."""
-    scale = log_scale.clamp(-6, 12).exp().view(-1, *[1] * (symbols.dim() - 1))
+def laplace_bits(symbols: torch.Tensor, log2_scale: torch.Tensor) -> torch.Tensor:
+    """Bits of each value of `symbols` (integers, or integers plus noise, less the Laplace's mean) under a
+    zero-mean Laplace of scale 2^log2_scale (broadcast to `symbols`), integrated over its unit-wide bin."""
+    scale = torch.exp2(log2_scale.clamp(MIN_LOG2_SCALE, MAX_LOG2_SCALE))
 
     def cdf(v):  # of the Laplace, at v / scale
         tail = 0.5 * torch.exp(-v.abs())
@@ -157,25 +184,104 @@ def laplace_bits(symbols: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor
     return -torch.log2((cdf(centred + half) - cdf(centred - half)).clamp_min(2**-30))
 
 
+# The context model. A latent's probability is a Laplace whose mean and scale a small MLP predicts from the 12
+# latents before it in its grid (two rows above, five wide, and two to its left; 0 beyond the edges), as Cool-chic's
+# does. A decoder must reproduce every probability bit for bit, so files are coded with the MLP run in integers
+# (`context_codes`); fitting runs the same MLP in floats (`context_laplace`). Those 12 are all decoded before a latent
+# once the grid is decoded in wavefronts (`decode_order`): latent (r, c) in front 3r + c, a grid of h x w in about
+# 3h + w vectorised steps rather than one per latent.
+CAUSAL = tuple((dr, dc) for dr in (-2, -1) for dc in range(-2, 3)) + ((0, -2), (0, -1))
+CONTEXT_INPUTS = len(CAUSAL)
+CONTEXT_HIDDEN = 8
+CONTEXT_SHAPES = [(CONTEXT_INPUTS, CONTEXT_HIDDEN), (CONTEXT_HIDDEN, 2)]  # outputs: mean, log2 scale offset
+HIDDEN_CAP = 2**32  # integer hidden units are clamped here, so no sum can overflow int64 (see `context_codes`)
+
+
+def context_inputs(grid: torch.Tensor) -> torch.Tensor:
+    """The context model's inputs for every latent of grid [B, h, w]: [B, h * w, CONTEXT_INPUTS] (integers for an
+    integer grid)."""
+    b, h, w = grid.shape
+    padded = F.pad(grid, (2, 2, 2, 0))  # two rows above, two columns either side
+    return torch.stack([padded[:, 2 + dr : 2 + dr + h, 2 + dc : 2 + dc + w] for dr, dc in CAUSAL], -1).flatten(1, 2)
+
+
+def decode_order(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, fronts) of an h x w grid: `order` lists its latents (row-major indices) front by front, each front by
+    row; front f is order[fronts[f]:fronts[f + 1]] (none is empty)."""
+    rows, cols = np.divmod(np.arange(h * w), w)
+    wave = 3 * rows + cols  # every CAUSAL input of a latent is in an earlier front (3 dr + dc < 0)
+    order = np.lexsort((rows, wave))
+    counts = np.bincount(wave)
+    return order, np.concatenate([[0], np.cumsum(counts[counts > 0])])
+
+
+def causal_neighbours(index: np.ndarray, h: int, w: int) -> np.ndarray:
+    """The row-major indices [len(index), CONTEXT_INPUTS] of the CAUSAL inputs of the latents `index` of an h x w grid;
+    h * w for one beyond the edge."""
+    rows, cols = np.divmod(index, w)
+    out = np.empty((len(index), CONTEXT_INPUTS), np.int64)
+    for j, (dr, dc) in enumerate(CAUSAL):
+        r, c = rows + dr, cols + dc
+        out[:, j] = np.where((r >= 0) & (c >= 0) & (c < w), r * w + c, h * w)
+    return out
+
+
+def context_laplace(inputs: torch.Tensor, weights, biases) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float context model on inputs [B, P, CONTEXT_INPUTS]: (mean, log2 scale offset), each [B, P]."""
+    hidden = torch.relu(torch.baddbmm(biases[0].unsqueeze(1), inputs, weights[0]))  # [B, P, CONTEXT_HIDDEN]
+    out = torch.baddbmm(biases[1].unsqueeze(1), hidden, weights[1])  # [B, P, 2]
+    return out[..., 0], out[..., 1]
+
+
+def context_codes(inputs: torch.Tensor, weights, biases, exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context model in integers, exactly as a decoder runs it: inputs [P, CONTEXT_INPUTS] (int64 latents),
+    weights and biases as int64 multiples of 2^-exponent (3 to MAX_CONTEXT_EXPONENT). Returns each latent's mean in
+    eighths and its log2 scale offset in sixteenths, [P] each, rounded half up. Inputs of at most MAX_SYMBOL and
+    weights of at most MAX_CONTEXT_SYMBOL keep every sum below 2^52."""
+    hidden = (inputs @ weights[0] + biases[0]).clamp(0, HIDDEN_CAP)  # units of 2^-e
+    out = hidden @ weights[1] + biases[1] * 2**exponent  # units of 2^-2e
+    mean8 = torch.div(out[:, 0] + 2 ** (2 * exponent - 4), 2 ** (2 * exponent - 3), rounding_mode="floor")
+    offset16 = torch.div(out[:, 1] + 2 ** (2 * exponent - 5), 2 ** (2 * exponent - 4), rounding_mode="floor")
+    return mean8, offset16
+
+
+def latent_bits(model: LatentNet, latents: list[torch.Tensor]) -> torch.Tensor:
+    """The bits of `latents` (the model's grids, noisy or rounded) under its entropy model, per image: [B]."""
+    bits = 0
+    for k, z in enumerate(latents):
+        if model.arch.context:
+            inputs = context_inputs(z)
+            mean, offset = context_laplace(inputs, model.context_weights, model.context_biases)  # [B, h * w]
+            bits = bits + laplace_bits(z.flatten(1) - mean, offset + model.grid_scales[:, k, None]).sum(1)
+        else:
+            bits = bits + laplace_bits(z.flatten(1), model.grid_scales[:, k, None]).sum(1)
+    return bits
+
+
 def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int = 3000, lr: float = 1e-2,
         coarse_weight: float = 0.1, border: str = "reflect", seed: int = 0,
-        progress: Callable[[int, torch.Tensor], None] | None = None) -> LatentNet:
+        progress: Callable[[int, torch.Tensor], None] | None = None,
+        target_bits: torch.Tensor | None = None) -> LatentNet:
     """Fit one latent pyramid per image of [B, C, H, W] in [0, 1], all at once: Adam on latents and MLP against
     every level's squared error (the finest weighing 1, each coarser `coarse_weight`) plus `lam` times the latents'
     bits per pixel. Returns the model with its latents rounded to integers. Images are independent: each has its own
     loss terms, starts from the same draw and sees the same noise, and Adam is per element, so a batch fits each image
     as it would be fitted alone (up to the order of floating-point sums). `progress(step, error)` gets each step's
-    full-resolution squared error per image [B]."""
+    full-resolution squared error per image [B].
+
+    With `target_bits` [B], each image's rate weight starts at `lam` and is steered, step by step, towards the one
+    whose latents cost that many bits (dual ascent on the rate constraint: up while they cost more, down while
+    less); `model.rate_weights` holds where each ended."""
     b, c, h, w = images.shape
     if (c, h, w) != (arch.channels, arch.height, arch.width):
         raise ValueError(f"images of {c}x{h}x{w} do not fit a latent architecture of "
                          f"{arch.channels}x{arch.height}x{arch.width}")
     torch.manual_seed(seed)
     model = LatentNet(arch, batch=b, seed=seed).to(images.device)
-    log_scales = nn.Parameter(torch.zeros(b, arch.levels, device=images.device))  # the rate's Laplace per grid
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
     levels = [(g.shape[-2:], g.flatten(2).transpose(1, 2), k) for k, g in enumerate(targets)]  # target [B, P, C]
-    optimizer = torch.optim.Adam([*model.parameters(), log_scales], lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    lam = torch.full((b,), float(lam), device=images.device)
     for step in range(steps):
         noisy = step < NOISE_SHARE * steps
         for group in optimizer.param_groups:  # cosine decay, a tenth of it once rounding takes over
@@ -189,24 +295,31 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
             error = (model.on_pixels(height, width, k + 1, latents) - target).square().mean(dim=(1, 2))  # [B]
             loss = loss + error * (1.0 if k == arch.levels - 1 else coarse_weight)
         finest = error.detach()
-        bits = sum(laplace_bits(z, log_scales[:, k]).sum(dim=(1, 2)) for k, z in enumerate(latents))  # [B]
+        bits = latent_bits(model, latents)  # [B]
         loss = (loss + lam * bits / (h * w)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if target_bits is not None and step >= RATE_WARMUP * steps:  # not while the latents are still growing
+            with torch.no_grad():  # steered by what the rounded latents cost: noise makes them look dearer
+                spent = latent_bits(model, [torch.round(g) for g in model.grids]) if noisy else bits.detach()
+            lam = lam * torch.exp(RATE_GAIN / steps * torch.log(spent / target_bits).clamp(-0.5, 0.5))
         if progress is not None:
             progress(step, finest)
     with torch.no_grad():
         for g in model.grids:
             g.copy_(torch.round(g))
+    model.rate_weights = lam.tolist()
     return model.requires_grad_(False)
 
 
-def quantise_weights(model: LatentNet, images: torch.Tensor, lam: float, exponents: range = range(4, 13)) -> list[int]:
+def quantise_weights(model: LatentNet, images: torch.Tensor, lam: float | list[float],
+                     exponents: range = range(4, 13)) -> list[int]:
     """Round each image's MLP weights to multiples of 2^-e, with the e of `exponents` that minimises its squared error
     at full resolution plus `lam` times the weights' bits per pixel (estimated under a Laplace per tensor); the
     model keeps the rounded weights and each image's e (`model.exponents`), which it also returns."""
     b, _, h, w = images.shape
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device)  # one, or one per image
     target = images.flatten(2).transpose(1, 2)  # [B, P, C]
     tensors = [*model.weights, *model.biases]
     kept = [t.detach().clone() for t in tensors]
@@ -221,7 +334,7 @@ def quantise_weights(model: LatentNet, images: torch.Tensor, lam: float, exponen
                 symbols = torch.round(k / step)
                 t.copy_(symbols * step)
                 spread = symbols.abs().flatten(1).mean(1).clamp_min(2**-4)  # [B], the Laplace's scale
-                bits += laplace_bits(symbols, spread.log()).flatten(1).sum(1)
+                bits += laplace_bits(symbols.flatten(1), spread.log2()[:, None]).sum(1)
             error = (model.on_pixels(h, w) - target).square().mean(dim=(1, 2))  # [B]
             loss = error + lam * bits / (h * w)
             better = loss < best
@@ -232,28 +345,79 @@ def quantise_weights(model: LatentNet, images: torch.Tensor, lam: float, exponen
         for t, r in zip(tensors, rounded):
             t.copy_(r)
     model.exponents = chosen.tolist()
+    quantise_context(model)
     return model.exponents
+
+
+MAX_CONTEXT_EXPONENT = 12
+MAX_CONTEXT_SYMBOL = 2**16  # of a context weight, in steps of 2^-e
+
+
+def scale_codes(log2_scales: torch.Tensor) -> torch.Tensor:
+    """The codes (0 to 255) of the nearest stored scales to log2 scales."""
+    return torch.round((log2_scales - MIN_LOG2_SCALE) * 16).clamp(0, 255).long()
+
+
+@torch.no_grad()
+def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_EXPONENT + 1)) -> list[int | None]:
+    """Round each image's grid scales to stored codes and its context weights to multiples of 2^-e, with the e that
+    makes the fewest bits: its latents' under the integer context model, plus the weights' own (estimated under a
+    Laplace per tensor). The model keeps the rounded values and each image's e (`model.context_exponents`)."""
+    if not model.arch.context:  # the factorised model's scale is the one that fits each grid's latents best
+        for k, g in enumerate(model.grids):
+            for i in range(model.batch):
+                model.grid_scales[i, k] = MIN_LOG2_SCALE + _scale_code(g[i].cpu().numpy()) / 16
+        return model.context_exponents
+    model.grid_scales.copy_(MIN_LOG2_SCALE + scale_codes(model.grid_scales) / 16)
+    tensors = [*model.context_weights, *model.context_biases]
+    for i in range(model.batch):
+        grids = [g[i : i + 1].cpu().long() for g in model.grids]
+        codes = scale_codes(model.grid_scales[i].cpu())
+        kept = [t[i].cpu().double() for t in tensors]
+        best = (math.inf, None, None)
+        for e in exponents:
+            symbols = [torch.round(k * 2**e).clamp(-MAX_CONTEXT_SYMBOL, MAX_CONTEXT_SYMBOL).long() for k in kept]
+            bits = sum(laplace_bits(q.flatten().double(), q.abs().double().mean().clamp_min(2**-4).log2()).sum()
+                       for q in symbols)
+            for k, z in enumerate(grids):
+                inputs = context_inputs(z)[0]
+                mean8, offset16 = context_codes(inputs, symbols[:2], symbols[2:], e)
+                log2_scale = MIN_LOG2_SCALE + (codes[k] + offset16).clamp(0, 255) / 16
+                bits += laplace_bits(z.flatten().double() - mean8 / 8, log2_scale).sum()
+            if bits < best[0]:
+                best = (float(bits), e, symbols)
+        _, e, symbols = best
+        for t, q in zip(tensors, symbols):
+            t[i].copy_(q.to(t.dtype) * 2.0**-e)
+        model.context_exponents[i] = e
+    return model.context_exponents
 
 
 # The payload of a model file of version `modelfile.LATENT_VERSION` (the envelope, version and checksum are
 # modelfile.py's). All numbers little-endian:
-#     header   channels, flags (1: periodic), level count, hidden-layer count: four uint8; width, height: uint32;
-#              hidden widths: uint16 each; the MLP's step exponent e: uint8
-#     groups   the grids coarse to fine, then each layer's weight [fan_in, fan_out] and bias: per group its Laplace
-#              scale code (uint8) and its largest |symbol| (uint32)
+#     header   channels, flags (1: periodic, 2: context model), level count, hidden-layer count: four uint8; width,
+#              height: uint32; hidden widths: uint16 each; the MLP's step exponent e: uint8; with a context model,
+#              its step exponent: uint8
+#     groups   per group its Laplace scale code (uint8) and its largest |symbol| (uint32), in the order they are
+#              coded: without a context model the grids coarse to fine, then each layer's weight [fan_in, fan_out]
+#              and bias; with one, each layer's weight and bias, the context model's, then the grids
 #     symbols  word count (uint32) and the range-coded symbols (uint32 words) of every group whose largest |symbol|
-#              is not 0, under a zero-mean quantised Laplace of the group's scale: latents as they are, weights as
-#              multiples of 2^-e. Decoding is exact.
+#              is not 0. Weights (multiples of their 2^-e) under a zero-mean quantised Laplace of the group's scale;
+#              latents likewise, or, with a context model, grid by grid (coarse to fine) in `decode_order`, each
+#              under a Laplace of the mean and scale code (plus the grid's) that `context_codes` gives it.
+#              Decoding is exact.
 _HEAD = struct.Struct("<4BII")
 _GROUP = struct.Struct("<BI")
+PERIODIC, CONTEXT = 1, 2
 MAX_HIDDEN = 4
 MAX_WIDTH = 1024
 MAX_EXPONENT = 24
 MAX_SYMBOL = 2**20
-MIN_LOG2_SCALE = -3  # scale codes 0..255 are scales 2^(-3 + code / 16)
-# The smallest scale makes the likeliest symbol cost at least -log2(1 - e^-4) = 0.027 bits, so a payload of W words
-# cannot hold more than about 1,200 W symbols: a header asking for more is forged, and is refused before decoding.
-MAX_SYMBOLS_PER_WORD = 1200
+SCALES = np.array([2.0 ** (MIN_LOG2_SCALE + code / 16) for code in range(256)])
+# No symbol costs less than -log2(1 - e^-4 / 2) = 0.013 bits (the smallest scale, with a context model's mean at
+# the edge of the range, which folds a tail onto it), so a payload of W words cannot hold more than about 2,400 W
+# symbols: a header asking for more is forged, and is refused before decoding.
+MAX_SYMBOLS_PER_WORD = 2500
 
 
 def _scale_code(symbols: np.ndarray) -> int:
@@ -263,44 +427,86 @@ def _scale_code(symbols: np.ndarray) -> int:
 
 
 def _laplace(top: int, code: int):
-    scale = 2.0 ** (MIN_LOG2_SCALE + code / 16)
-    return constriction.stream.model.QuantizedLaplace(-top, top, 0.0, scale)
+    return constriction.stream.model.QuantizedLaplace(-top, top, 0.0, float(SCALES[code]))
 
 
-def _groups(model: LatentNet, index: int, exponent: int) -> list[np.ndarray]:
-    """Each group's symbols as int32: the grids, then each layer's weight and bias in units of 2^-exponent."""
-    out = [g[index].detach().cpu().numpy().astype(np.float64).ravel() for g in model.grids]
-    for w, b in zip(model.weights, model.biases):
-        out += [t[index].detach().cpu().double().numpy().ravel() * 2.0**exponent for t in (w, b)]
-    symbols = []
-    for values in out:
-        rounded = np.round(values)
-        if not np.array_equal(rounded, values):
-            raise ValueError("the model is not quantised: fit and quantise_weights make the values integers")
-        if rounded.size and np.abs(rounded).max() > MAX_SYMBOL:
-            raise ValueError(f"a value of {np.abs(rounded).max():.0f} steps is more than a file holds ({MAX_SYMBOL})")
-        symbols.append(rounded.astype(np.int32))
-    return symbols
+def _context_laplace(inputs, weights, biases, exponent, code, top):
+    """Means and scales (float64 arrays) of latents of int64 context inputs [P, CONTEXT_INPUTS] under the integer
+    context model (int64 weights and biases in steps of 2^-exponent) and their grid's scale code and largest
+    |symbol|: what coder and decoder agree on."""
+    mean8, offset16 = context_codes(inputs, weights, biases, exponent)
+    means = (mean8.double() / 8).clamp(-top, top).numpy()
+    return means, SCALES[(offset16 + code).clamp(0, 255).numpy()]
+
+
+def _weight_groups(model: LatentNet, index: int) -> list[np.ndarray]:
+    """The symbols of each layer's weight and bias (multiples of 2^-e), then the context model's (of 2^-e')."""
+    e, ce = model.exponents[index], model.context_exponents[index]
+    out = [t[index] * 2.0**e for pair in zip(model.weights, model.biases) for t in pair]
+    context = [t[index] * 2.0**ce for pair in zip(model.context_weights, model.context_biases) for t in pair]
+    groups = [_integers(t.detach().cpu().double().numpy().ravel()) for t in out + context]
+    if any(np.abs(g).max() > MAX_CONTEXT_SYMBOL for g in groups[len(out):]):
+        raise ValueError(f"a context weight is over {MAX_CONTEXT_SYMBOL} steps: more than a file holds")
+    return groups
+
+
+def _integers(values: np.ndarray) -> np.ndarray:
+    rounded = np.round(values)
+    if not np.array_equal(rounded, values):
+        raise ValueError("the model is not quantised: fit and quantise_weights make the values integers")
+    if rounded.size and np.abs(rounded).max() > MAX_SYMBOL:
+        raise ValueError(f"a value of {np.abs(rounded).max():.0f} steps is more than a file holds ({MAX_SYMBOL})")
+    return rounded.astype(np.int32)
 
 
 def to_payload(model: LatentNet, index: int = 0) -> bytes:
     """Image `index`'s header and symbols (see above); ValueError for a model that is not quantised."""
-    arch, exponent = model.arch, model.exponents[index]
-    if exponent is None:
+    arch, exponent, context_exponent = model.arch, model.exponents[index], model.context_exponents[index]
+    if exponent is None or (arch.context and context_exponent is None):
         raise ValueError("the MLP weights are not quantised yet (quantise_weights)")
-    groups = _groups(model, index, exponent)
-    parts = [_HEAD.pack(arch.channels, int(arch.periodic), arch.levels, len(arch.hidden), arch.width, arch.height),
+    grids = [_integers(g[index].detach().cpu().double().numpy()) for g in model.grids]
+    weights = _weight_groups(model, index)
+    codes = scale_codes(model.grid_scales[index].detach().cpu()).tolist()
+    parts = [_HEAD.pack(arch.channels, PERIODIC * arch.periodic + CONTEXT * arch.context, arch.levels,
+                        len(arch.hidden), arch.width, arch.height),
              struct.pack(f"<{len(arch.hidden)}HB", *arch.hidden, exponent)]
     encoder = constriction.stream.queue.RangeEncoder()
-    for symbols in groups:
+
+    def factorised(symbols, code=None):
         top = int(np.abs(symbols).max()) if symbols.size else 0
-        code = _scale_code(symbols) if top else 0
+        code = (_scale_code(symbols) if top else 0) if code is None else code
         parts.append(_GROUP.pack(code, top))
         if top:
-            encoder.encode(symbols, _laplace(top, code))
+            encoder.encode(symbols.ravel(), _laplace(top, code))
+
+    if not arch.context:
+        for grid, code in zip(grids, codes):
+            factorised(grid, code)
+        for symbols in weights:
+            factorised(symbols)
+    else:
+        parts.append(struct.pack("<B", context_exponent))
+        for symbols in weights:
+            factorised(symbols)
+        context = [torch.from_numpy(w.astype(np.int64)).reshape(shape) for w, shape in
+                   zip(weights[-4:], _context_shapes())]
+        for grid, code in zip(grids, codes):
+            top = int(np.abs(grid).max())
+            parts.append(_GROUP.pack(code, top))
+            if top:
+                inputs = context_inputs(torch.from_numpy(grid.astype(np.int64))[None])[0]
+                means, scales = _context_laplace(inputs, context[0::2], context[1::2], context_exponent, code, top)
+                order = decode_order(*grid.shape)[0]
+                encoder.encode(grid.ravel()[order], constriction.stream.model.QuantizedLaplace(-top, top),
+                               means[order], scales[order])
     words = encoder.get_compressed()
     parts += [struct.pack("<I", len(words)), words.astype("<u4").tobytes()]
     return b"".join(parts)
+
+
+def _context_shapes() -> list[tuple[int, ...]]:
+    """The context model's groups as coded: each layer's weight [fan_in, fan_out], then its bias."""
+    return [s for fi, fo in CONTEXT_SHAPES for s in ((fi, fo), (fo,))]
 
 
 def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) -> LatentNet:
@@ -308,19 +514,28 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
     try:
         channels, flags, levels, n_hidden, width, height = _HEAD.unpack_from(data, offset)
         offset += _HEAD.size
-        if channels not in (1, 3) or flags > 1 or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN:
+        if channels not in (1, 3) or flags > 3 or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN:
             raise fail(f"bad header: channels {channels}, flags {flags}, {levels} levels, {n_hidden} hidden layers")
         if not 1 <= width * height <= DEFAULT_MAX_PIXELS:
             raise fail(f"bad header: {width}x{height} is not 1 to {DEFAULT_MAX_PIXELS:,} pixels")
         *hidden, exponent = struct.unpack_from(f"<{n_hidden}HB", data, offset)
         offset += 2 * n_hidden + 1
+        context_exponent = None
+        if flags & CONTEXT:
+            (context_exponent,) = struct.unpack_from("<B", data, offset)
+            offset += 1
         if not all(1 <= h <= MAX_WIDTH for h in hidden) or exponent > MAX_EXPONENT:
             raise fail(f"bad header: hidden widths {hidden} (1 to {MAX_WIDTH}), step exponent {exponent}")
+        if context_exponent is not None and not 3 <= context_exponent <= MAX_CONTEXT_EXPONENT:
+            raise fail(f"bad header: context step exponent {context_exponent} (3 to {MAX_CONTEXT_EXPONENT})")
         try:
-            arch = LatentArchitecture(channels, width, height, levels, tuple(hidden), bool(flags & 1))
+            arch = LatentArchitecture(channels, width, height, levels, tuple(hidden), bool(flags & PERIODIC),
+                                      bool(flags & CONTEXT))
         except ValueError as e:
             raise fail(f"bad header: {e}") from None
-        shapes = [(h, w) for h, w in arch.sizes] + [s for fi, fo in arch.layer_shapes() for s in ((fi, fo), (fo,))]
+        weight_shapes = [s for fi, fo in arch.layer_shapes() for s in ((fi, fo), (fo,))]
+        context_shapes = _context_shapes() if arch.context else []
+        shapes = [*weight_shapes, *context_shapes, *arch.sizes] if arch.context else [*arch.sizes, *weight_shapes]
         groups = []
         for _ in shapes:
             groups.append(_GROUP.unpack_from(data, offset))
@@ -331,28 +546,66 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
         raise fail("truncated header") from None
     if any(top > MAX_SYMBOL for _, top in groups):
         raise fail(f"bad header: a group's largest symbol is over {MAX_SYMBOL}")
+    first_context = len(weight_shapes)
+    if any(top > MAX_CONTEXT_SYMBOL for _, top in groups[first_context : first_context + len(context_shapes)]):
+        raise fail(f"bad header: a context weight is over {MAX_CONTEXT_SYMBOL} steps")
     if offset + 4 * n_words != end:
         raise fail(f"payload is {end - offset} bytes, not the {4 * n_words} its word count says")
     coded = sum(math.prod(shape) for shape, (_, top) in zip(shapes, groups) if top)
     if coded > MAX_SYMBOLS_PER_WORD * (n_words + 1):
         raise fail(f"bad header: {coded:,} symbols cannot come from {n_words:,} words")
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4", n_words, offset).astype(np.uint32))
+
+    def decode(family, *params, n):
+        try:
+            return decoder.decode(family, *params) if params else decoder.decode(family, n)
+        except (AssertionError, ValueError):  # constriction: words that no symbols could have made
+            raise fail("payload is corrupt: its words are not a coding of these symbols") from None
+
     model = LatentNet(arch, batch=1)
-    tensors = [*model.grids, *(t for pair in zip(model.weights, model.biases) for t in pair)]
+    weights = [t for pair in zip(model.weights, model.biases) for t in pair]
+    weights += [t for pair in zip(model.context_weights, model.context_biases) for t in pair]
+    context = []  # the context model's weights and biases as int64 symbols
+
+    def read_weights(coded):
+        for i, (tensor, (code, top)) in enumerate(zip(weights, coded)):
+            symbols = decode(_laplace(top, code), n=tensor.numel()) if top else np.zeros(tensor.numel(), np.int32)
+            symbols = torch.from_numpy(symbols.astype(np.int64)).reshape(tensor.shape)
+            is_context = i >= 2 * len(arch.hidden) + 2
+            if is_context:
+                context.append(symbols[0])
+            tensor.copy_(symbols.float() * 2.0 ** -(context_exponent if is_context else exponent))
+
+    def read_grids(coded):
+        for k, (grid, (code, top)) in enumerate(zip(model.grids, coded)):
+            h, w = grid.shape[1:]
+            symbols = torch.zeros(h * w, dtype=torch.int64)
+            if top and not arch.context:
+                symbols[:] = torch.from_numpy(decode(_laplace(top, code), n=h * w).astype(np.int64))
+            elif top:
+                family = constriction.stream.model.QuantizedLaplace(-top, top)
+                order, fronts = decode_order(h, w)
+                known = torch.zeros(h * w + 1, dtype=torch.int64)  # the last: every neighbour beyond the edge
+                for start, stop in zip(fronts[:-1], fronts[1:]):
+                    front = order[start:stop]
+                    inputs = known[causal_neighbours(front, h, w)]
+                    means, scales = _context_laplace(inputs, context[0::2], context[1::2], context_exponent, code, top)
+                    known[front] = torch.from_numpy(decode(family, means, scales, n=None).astype(np.int64))
+                symbols = known[:-1]
+            grid.copy_(symbols.reshape(1, h, w).float())
+            model.grid_scales[0, k] = MIN_LOG2_SCALE + code / 16
+
     with torch.no_grad():
-        for i, (tensor, shape, (code, top)) in enumerate(zip(tensors, shapes, groups)):
-            n = math.prod(shape)
-            try:
-                symbols = decoder.decode(_laplace(top, code), n) if top else np.zeros(n, np.int32)
-            except (AssertionError, ValueError):  # constriction: words that no symbols could have made
-                raise fail("payload is corrupt: its words are not a coding of these symbols") from None
-            values = torch.from_numpy(symbols.astype(np.float32)).reshape(1, *shape)
-            tensor.copy_(values if i < levels else values * 2.0**-exponent)  # latents, then weights in 2^-e steps
+        if arch.context:
+            read_weights(groups[: len(weights)])
+            read_grids(groups[len(weights) :])
+        else:
+            read_grids(groups[:levels])
+            read_weights(groups[levels:])
     if output_bound(model) > MAX_OUTPUT:
         raise fail("its latents and weights can drive the output beyond any pixel value (overflow)")
-    model.exponents = [exponent]
+    model.exponents, model.context_exponents = [exponent], [context_exponent]
     return model.requires_grad_(False)
-
 
 MAX_OUTPUT = 1e30  # far above any fitted model's bound (a pixel is 0 to 1), far below float32's overflow
 

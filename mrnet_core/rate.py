@@ -34,12 +34,14 @@ PSNR_RUNGS = 9  # width scales tried for a PSNR target, spaced evenly in log bet
 @dataclass(frozen=True)
 class RateChoice:
     """How rate control sized one image: the width `scale` of its rung, how many codes coarser its steps were
-    stored (`rate.within_budget`), the targets, and whether they were met."""
+    stored (`rate.within_budget`), the targets, and whether they were met. A latent pyramid keeps its widths
+    (scale 1) and says the rate weight its fit was steered to."""
     scale: float
     coarser: int | None
     target_bpp: float | None
     target_psnr: float | None
     met: bool
+    rate_weight: float | None = None  # a latent pyramid's: where its fit's rate weight ended (`latent.fit`)
 
 
 def scaled(cfg: FitConfig, scale: float) -> FitConfig:
@@ -162,6 +164,8 @@ def encode_at_rate(images: torch.Tensor, cfg: FitConfig,
     b, c, h, w = images.shape
     bits = cfg.weight_bits if cfg.weight_bits <= 8 else 8
     budget = math.floor(cfg.target_bpp * h * w / 8) if cfg.target_bpp else None
+    if budget == 0:  # not "no target": every test of `budget` below would read it so
+        raise ConfigError(f"target_bpp: {cfg.target_bpp:g} bpp is less than a byte for a {w}x{h} image")
     base = replace(cfg, weight_bits=bits)
     if prior is None:
         cap = largest_scale(cfg, c, h, w, bits, budget) if budget else 1.0  # a PSNR target alone: cfg's widths

@@ -1,4 +1,5 @@
-"""A live level-of-detail viewer: one standalone HTML page that evaluates MR-Nets in the browser with WebGL 2.
+"""A live level-of-detail viewer: one standalone HTML page that evaluates MR-Nets and latent pyramids in the browser
+with WebGL 2.
 
 The page holds each model's decoded weights (float32, base64) and a fragment shader written here for its
 architecture, so every pixel on screen is f(x, t) computed from the stored weights, as `mrnet render` computes
@@ -21,16 +22,21 @@ from .page import esc
 
 TEXTURE_WIDTH = 1024  # weights live in an R32F texture this many floats wide
 VIEWER_IMAGES = 24  # models one page of a job holds at most (each is its weights, 4 bytes a parameter, in base64)
+# Values one model may bring: as many rows of the texture as every WebGL 2 device holds (a latent pyramid of about
+# 1.5 Mpx); and all of a page's models together (about 85 MB of base64).
+MAX_MODEL_VALUES = 2048 * TEXTURE_WIDTH
+MAX_PAGE_VALUES = 8 * MAX_MODEL_VALUES
 
 
 def flat_weights(model, index=0):
     """Image `index`'s weights as one float32 array, stage by stage, layer by layer, weight [fan_in, fan_out]
-    (row-major) then bias: the order `Architecture.layer_shapes` gives, as in the model file."""
-    parts = []
-    for stage in model.stages:
-        for w, b in zip(stage.weights, stage.biases):
-            parts += [w[index].detach().cpu().float().numpy().ravel(), b[index].detach().cpu().float().numpy()]
-    return np.concatenate(parts).astype("<f4")
+    (row-major) then bias: the order `Architecture.layer_shapes` gives, as in the model file. A latent pyramid's:
+    its grids coarse to fine (row-major), then its MLP's layers in the same order."""
+    if model.arch.model == "g":
+        tensors = [*model.grids, *(t for pair in zip(model.weights, model.biases) for t in pair)]
+    else:
+        tensors = [t for stage in model.stages for pair in zip(stage.weights, stage.biases) for t in pair]
+    return np.concatenate([t[index].detach().cpu().float().numpy().ravel() for t in tensors]).astype("<f4")
 
 
 def glsl_float(v):
@@ -39,19 +45,22 @@ def glsl_float(v):
     return text if any(c in text for c in ".en") else text + ".0"
 
 
+# Every shader starts the same: the weights texture, the window and t, and (px, py), the pixel centre in the domain
+# as in pyramid.pixel_grid (x to the right, y downwards: row 0 at the top).
+PROLOGUE = ["#version 300 es", "precision highp float; precision highp int;",
+            "uniform highp sampler2D u_weights; uniform vec2 u_size; uniform vec4 u_window; uniform float u_t;",
+            "out vec4 color;",
+            f"float w(int i) {{ return texelFetch(u_weights, ivec2(i % {TEXTURE_WIDTH}, i / {TEXTURE_WIDTH}), 0).r; }}",
+            "void main() {",
+            "  float px = u_window.x + (u_window.z - u_window.x) * gl_FragCoord.x / u_size.x;",
+            "  float py = u_window.y + (u_window.w - u_window.y) * (u_size.y - gl_FragCoord.y) / u_size.y;"]
+
+
 def shader_source(arch):
     """GLSL ES 3.0 fragment shader evaluating f(x, t) = sum_i c_i(t) g_i(x) for `arch` at each pixel centre."""
-    lines = ["#version 300 es", "precision highp float; precision highp int;",
-             "uniform highp sampler2D u_weights; uniform vec2 u_size; uniform vec4 u_window; uniform float u_t;",
-             "out vec4 color;",
-             f"float w(int i) {{ return texelFetch(u_weights, ivec2(i % {TEXTURE_WIDTH}, i / {TEXTURE_WIDTH}), 0).r; "
-             "}",
-             "void main() {",
-             # pixel centres as in pyramid.pixel_grid: x to the right, y downwards (row 0 at the top)
-             "  float px = u_window.x + (u_window.z - u_window.x) * gl_FragCoord.x / u_size.x;",
-             "  float py = u_window.y + (u_window.w - u_window.y) * (u_size.y - gl_FragCoord.y) / u_size.y;",
-             f"  float acc[{arch.channels}];",
-             f"  for (int c = 0; c < {arch.channels}; c++) acc[c] = 0.0;"]
+    if arch.model == "g":
+        return latent_shader_source(arch)
+    lines = [*PROLOGUE, f"  float acc[{arch.channels}];", f"  for (int c = 0; c < {arch.channels}; c++) acc[c] = 0.0;"]
     base, previous = 0, None  # previous: (name, width) of the last stage's last hidden layer, for the M-Net
     for i, spec in enumerate(arch.stages):
         shapes = arch.layer_shapes(i)
@@ -99,19 +108,55 @@ def shader_source(arch):
     return "\n".join(lines)
 
 
+def latent_shader_source(arch):
+    """GLSL ES 3.0 fragment shader evaluating a latent pyramid (`latent.LatentNet`) for `arch` at each pixel centre:
+    each grid bilinearly interpolated as `latent.sample` does (edge values continue, or the grid wraps), faded by
+    c_k(t), then the MLP (ReLU hidden layers, linear output)."""
+    lines = [*PROLOGUE, f"  float h0[{arch.levels}];"]
+    base = 0
+    for k, (h, w) in enumerate(arch.sizes):
+        def index(v, n):  # GLSL's % is undefined for negative ints; mod() of floats is floored
+            return f"int(mod({v}, {float(n)}))" if arch.periodic else f"int(clamp({v}, 0.0, {float(n - 1)}))"
+
+        lines += [f"  {{ float u = (px + 1.0) * {glsl_float(w / 2)} - 0.5, v = (py + 1.0) * {glsl_float(h / 2)} - 0.5;",
+                  "    float u0 = floor(u), v0 = floor(v), fu = u - u0, fv = v - v0;",
+                  f"    int l = {index('u0', w)}, r = {index('u0 + 1.0', w)}, "
+                  f"a = {base} + {index('v0', h)} * {w}, b = {base} + {index('v0 + 1.0', h)} * {w};",
+                  "    float upper = w(a + l) * (1.0 - fu) + w(a + r) * fu;",
+                  "    float lower = w(b + l) * (1.0 - fu) + w(b + r) * fu;",
+                  f"    h0[{k}] = clamp(u_t - {float(k)}, 0.0, 1.0) * (upper * (1.0 - fv) + lower * fv); }}"]
+        base += h * w
+    shapes = arch.layer_shapes()
+    for j, (fan_in, fan_out) in enumerate(shapes):
+        bias = base + fan_in * fan_out
+        act = "z" if j == len(shapes) - 1 else "max(z, 0.0)"
+        lines += [f"  float h{j + 1}[{fan_out}];",
+                  f"  for (int o = 0; o < {fan_out}; o++) {{",
+                  f"    float z = w({bias} + o);",
+                  f"    for (int k = 0; k < {fan_in}; k++) z += h{j}[k] * w({base} + k * {fan_out} + o);",
+                  f"    h{j + 1}[o] = {act};",
+                  "  }"]
+        base = bias + fan_out
+    out = f"h{len(shapes)}"
+    rgb = f"{out}[0], {out}[0], {out}[0]" if arch.channels == 1 else f"{out}[0], {out}[1], {out}[2]"
+    return "\n".join([*lines, f"  color = vec4(clamp(vec3({rgb}), 0.0, 1.0), 1.0);", "}"])
+
+
 class NotDrawn(ValueError):
-    """A model the page cannot draw: latent pyramids (model g) have no shader yet."""
+    """A model too large for the page (`MAX_MODEL_VALUES`)."""
 
 
 def model_entry(name, model, meta, index=0):
-    """What the page needs of one model: its shader, weights and level sizes; NotDrawn for a latent pyramid."""
-    if model.arch.model not in MODELS:
-        raise NotDrawn("the live viewer draws MR-Nets; latent pyramids (model g) are not drawn yet")
+    """What the page needs of one model: its shader, weights and level sizes; NotDrawn for one too large."""
     weights = flat_weights(model, index)
+    if weights.size > MAX_MODEL_VALUES:
+        raise NotDrawn(f"its {weights.size:,} values are more than the viewer holds ({MAX_MODEL_VALUES:,}); "
+                       "draw it with mrnet render")
+    latent = model.arch.model == "g"
     return {"name": name, "shader": shader_source(model.arch), "weights": base64.b64encode(weights.tobytes()).decode(),
             "count": int(weights.size), "levels": [list(s) for s in meta.sizes], "width": meta.width,
-            "height": meta.height, "stages": len(model.arch.stages), "model": MODELS[model.arch.model],
-            "periodic": bool(model.arch.periodic)}
+            "height": meta.height, "stages": model.arch.levels if latent else len(model.arch.stages),
+            "model": "latent pyramid" if latent else MODELS[model.arch.model], "periodic": bool(model.arch.periodic)}
 
 
 def entries_from_out(out, config_id, uris=None, limit=VIEWER_IMAGES, given=None, log=print):
@@ -130,15 +175,22 @@ def entries_from_out(out, config_id, uris=None, limit=VIEWER_IMAGES, given=None,
     rows = store.read_table(out, "encodings", ["image_id", "uri", "architecture", "weights", "prior_id"],
                             is_config & pads.field("uri").isin(chosen)).to_pylist() if chosen else []
     by_uri = {r["uri"]: r for r in rows}
-    entries = []
+    entries, values = [], 0
     for uri in chosen:
         if len(entries) == limit:
             break
         try:
             model, meta = load_row(by_uri[uri], out, given)
-            entries.append(model_entry(uri.rstrip("/").rsplit("/", 1)[-1], model, meta))
+            entry = model_entry(uri.rstrip("/").rsplit("/", 1)[-1], model, meta)
         except (BadRow, NotDrawn) as e:
             log(f"view: warning: {uri!r}: {e}; not shown")
+            continue
+        if values + entry["count"] > MAX_PAGE_VALUES:
+            log(f"view: warning: {uri!r} and the rows after it are not shown: the page holds {MAX_PAGE_VALUES:,} "
+                "values at most")
+            break
+        entries.append(entry)
+        values += entry["count"]
     return entries, len(listed)
 
 

@@ -1,6 +1,7 @@
 """Latent pyramids ("g"): fitting, level of detail, periodic grids, and exact, bounded, checksummed files."""
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,9 @@ HEAD = len(modelfile.MAGIC) + 4  # the payload's header starts after the magic a
     (HEAD + 4, "<I", 2**31, "is not 1 to"),
     (HEAD + 2, "<B", 12, "too small for 12 levels"),
     (HEAD + 12, "<H", 60000, "hidden widths"),
+    (HEAD + 1, "<B", 4, "flags 4"),
+    (HEAD + 17, "<B", 2, "context step exponent 2"),  # after two hidden widths and the MLP's exponent
+    (HEAD + 17, "<B", 13, "context step exponent 13"),
 ])
 def test_hostile_headers_are_refused_before_allocating(fitted, offset, fmt, value, reason):
     data = _edited(modelfile.to_bytes(fitted[0], META), offset, fmt, value)
@@ -140,15 +144,22 @@ def test_corrupt_truncated_and_forged_symbol_counts_are_refused(fitted):
     with pytest.raises(modelfile.ModelFileError, match="checksum mismatch|truncated"):
         modelfile.from_bytes(data[:-7])
     # A header that says a tiny payload holds the latents of a huge image is refused without decoding them.
-    big = modelfile.to_bytes(_model_of(latent.LatentArchitecture(3, 3000, 3000, 2, (4,))),
-                             modelfile.ImageMeta(3000, 3000, 3, 2))
-    assert len(big) < 200
-    loaded, _ = modelfile.from_bytes(big)  # all-zero grids are not coded at all: nothing to decode
-    first_group = HEAD + struct.calcsize("<4BII") + struct.calcsize("<HB")
-    forged = _edited(big, first_group + 1, "<I", 5)  # the coarsest grid now claims coded symbols
-    forged = _edited(forged, first_group + 5 + 1, "<I", 5)  # and so does the finest: 9 M of them
-    with pytest.raises(modelfile.ModelFileError, match="symbols cannot come from"):
-        modelfile.from_bytes(forged)
+    for context in (True, False):
+        big = modelfile.to_bytes(_model_of(latent.LatentArchitecture(3, 3000, 3000, 2, (4,), context=context)),
+                                 modelfile.ImageMeta(3000, 3000, 3, 2))
+        assert len(big) < 200
+        loaded, _ = modelfile.from_bytes(big)  # all-zero grids are not coded at all: nothing to decode
+        # The header, the MLP's exponent (and the context model's); the groups: the grids first, or, with a context
+        # model, after the MLP's 4 groups and the context model's 4.
+        grids = HEAD + struct.calcsize("<4BII") + struct.calcsize("<HB") + (1 + 8 * 5 if context else 0)
+        forged = _edited(big, grids + 1, "<I", 5)  # the coarsest grid now claims coded symbols
+        forged = _edited(forged, grids + 5 + 1, "<I", 5)  # and so does the finest: 9 M of them
+        with pytest.raises(modelfile.ModelFileError, match="symbols cannot come from"):
+            modelfile.from_bytes(forged)
+        if context:  # a context weight over its bound could overflow the integer context model
+            forged = _edited(big, grids - 5 + 1, "<I", latent.MAX_CONTEXT_SYMBOL + 1)
+            with pytest.raises(modelfile.ModelFileError, match="context weight is over"):
+                modelfile.from_bytes(forged)
 
 
 def _model_of(arch):
@@ -157,7 +168,74 @@ def _model_of(arch):
     with torch.no_grad():
         for t in [*model.weights, *model.biases]:
             t.copy_(torch.round(t * 256) / 256)
+    latent.quantise_context(model)
     return model
+
+
+def test_factorised_files_round_trip_exactly():
+    arch = latent.LatentArchitecture(3, SIZE, SIZE, 4, (8,), context=False)
+    image = sample("astronaut.png", SIZE)[None]
+    model = latent.fit(image, arch, lam=0.002, steps=100)
+    latent.quantise_weights(model, image, lam=0.002)
+    loaded, _ = modelfile.from_bytes(modelfile.to_bytes(model, META))
+    assert not loaded.arch.context and loaded.context_exponents == [None]
+    for a, b in zip(loaded.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_context_model_reads_only_latents_decoded_before():
+    h, w = 5, 7
+    grid = torch.randint(-9, 10, (1, h, w), generator=torch.Generator().manual_seed(1))
+    inputs = latent.context_inputs(grid)[0]
+    order, fronts = latent.decode_order(h, w)
+    neighbours = latent.causal_neighbours(np.arange(h * w), h, w)
+    assert sorted(order.tolist()) == list(range(h * w))
+    front = torch.empty(h * w, dtype=torch.long)  # each latent's step of the decoder
+    for f, (start, stop) in enumerate(zip(fronts[:-1], fronts[1:])):
+        front[order[start:stop]] = f
+    for i in range(h * w):
+        changed = grid.clone()
+        changed.view(-1)[front >= front[i]] += 5  # this latent's front and every later one
+        assert torch.equal(latent.context_inputs(changed)[0][i], inputs[i]), i
+    # The decoder's gather (beyond the edge: a trailing 0) reads what the coder's inputs hold.
+    padded = torch.cat([grid.flatten(), torch.zeros(1, dtype=grid.dtype)])
+    assert torch.equal(padded[torch.from_numpy(neighbours)], inputs)
+    assert len(fronts) - 1 == 3 * (h - 1) + w  # fronts, not latents: 19 vectorised steps for 35 latents
+
+
+def test_the_integer_context_model_follows_the_float_one(fitted):
+    model, _ = fitted
+    e = model.context_exponents[0]
+    inputs = latent.context_inputs(model.grids[2][:1])
+    mean, offset = latent.context_laplace(inputs, [w[:1] for w in model.context_weights],
+                                          [b[:1] for b in model.context_biases])
+    integers = [(t[0] * 2**e).round().long() for t in (*model.context_weights, *model.context_biases)]
+    mean8, offset16 = latent.context_codes(inputs[0].long(), integers[:2], integers[2:], e)
+    assert (mean8 / 8 - mean[0]).abs().max() <= 1 / 16 + 1e-4
+    assert (offset16 / 16 - offset[0]).abs().max() <= 1 / 32 + 1e-4
+    assert mean.abs().max() > 0.1  # the context model was fitted: it predicts, it is not all zeros
+
+
+def test_extreme_latents_and_context_weights_decode_exactly():
+    # Every value at its bound: the integer context model must not overflow, and the file must come back exact.
+    arch = latent.LatentArchitecture(1, 16, 16, 2, (4,))
+    model = latent.LatentNet(arch)
+    model.exponents = [0]
+    with torch.no_grad():
+        for t in [*model.weights, *model.biases]:
+            t.zero_()
+        for sign, g in zip((1, -1), model.grids):
+            g.copy_(sign * latent.MAX_SYMBOL * torch.ones_like(g))
+        for t in [*model.context_weights, *model.context_biases]:
+            t.fill_(latent.MAX_CONTEXT_SYMBOL * 2.0**-3)
+    model.context_exponents = [3]
+    loaded, _ = modelfile.from_bytes(modelfile.to_bytes(model, modelfile.ImageMeta(16, 16, 1, 2)))
+    for a, b in zip(loaded.grids, model.grids):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        model.context_biases[0].add_(2.0**-3)  # one step past the bound: the writer refuses what no reader takes
+    with pytest.raises(ValueError, match="context weight is over"):
+        modelfile.to_bytes(model, modelfile.ImageMeta(16, 16, 1, 2))
 
 
 def test_random_damage_behind_a_recomputed_checksum_is_an_error_or_a_finite_model(fitted):
@@ -187,13 +265,59 @@ def test_values_that_could_overflow_and_pyramids_over_the_latent_limit_are_refus
     with torch.no_grad():
         for t in [*model.grids, *model.weights, *model.biases]:
             t.fill_(2.0**20)  # every value within a file's bounds; together far past float32's range
+    latent.quantise_context(model)
     data = modelfile.to_bytes(model, modelfile.ImageMeta(16, 16, 3, 2))
     with pytest.raises(modelfile.ModelFileError, match="overflow"):
         modelfile.from_bytes(data, "huge.mrnet")
     with pytest.raises(ValueError, match="over a latent pyramid's limit"):
         latent.LatentArchitecture(3, 5000, 5000, 2)
+    # A long, thin image would take a decoder one step per latent: refused with a context model, not without.
+    with pytest.raises(ValueError, match="steps to decode, over the limit"):
+        latent.LatentArchitecture(3, 1, 40000, 1)
+    latent.LatentArchitecture(3, 1, 40000, 1, context=False)
     small = modelfile.to_bytes(_model_of(latent.LatentArchitecture(3, 64, 64, 2, (4,))),
                                modelfile.ImageMeta(64, 64, 3, 2))
     forged = _edited(_edited(small, HEAD + 4, "<I", 13000), HEAD + 8, "<I", 13000)
     with pytest.raises(modelfile.ModelFileError, match="over a latent pyramid's limit"):
         modelfile.from_bytes(forged)
+
+
+def test_a_bpp_target_steers_each_file_to_its_budget():
+    from mrnet_core.config import ConfigError, make_config
+    from mrnet_core.encode import encode
+    images = torch.stack([sample("astronaut.png", 64), sample("coffee.png", 96)[:, :, :64]])
+    results = {}
+    for bpp in (1.5, 4.0):
+        cfg = make_config("default", {"levels": 4, "max_epochs": [300], "target_bpp": bpp}, model="g")
+        records, blobs = encode(images, cfg, device="cpu")
+        for r, blob in zip(records, blobs):
+            assert len(blob) <= bpp * 64 * 64 / 8 and r.rate.met and r.rate.target_bpp == bpp
+        results[bpp] = records, blobs
+    (low, small), (high, large) = results[1.5], results[4.0]
+    for i in range(2):
+        assert len(small[i]) >= 0.7 * 1.5 * 64 * 64 / 8  # steered up to the budget, not far under it
+        assert low[i].rate.rate_weight > high[i].rate.rate_weight and len(small[i]) < len(large[i])
+        assert low[i].levels[-1].psnr < high[i].levels[-1].psnr
+    with pytest.raises(ConfigError, match="target_bpp: 102 bytes for a 64x64 image leave too little"):
+        encode(images, make_config("default", {"levels": 4, "target_bpp": 0.2}, model="g"), device="cpu")
+    with pytest.raises(ConfigError, match="target_psnr: a latent pyramid"):
+        make_config("default", {"target_psnr": 30}, model="g")
+
+
+def test_the_cheapest_symbols_a_coder_writes_are_read_back():
+    # Every latent at the edge of its range, predicted there at the smallest scale: about 0.013 bits each, the least
+    # a symbol can cost. The reader's bound on symbols per word must let the file through.
+    model = latent.LatentNet(latent.LatentArchitecture(1, 128, 128, 1, (1,)))
+    model.exponents = [4]
+    with torch.no_grad():
+        for t in [*model.weights, *model.biases]:
+            t.copy_(torch.round(t * 16) / 16)
+        model.grids[0].fill_(1.0)
+        model.grid_scales.fill_(latent.MIN_LOG2_SCALE)
+        for t in model.context_weights:
+            t.zero_()
+        model.context_biases[1][0, 0] = 1.0  # the mean of every latent: 1, the largest symbol
+    latent.quantise_context(model)
+    data = modelfile.to_bytes(model, modelfile.ImageMeta(128, 128, 1, 1))
+    assert len(data) < 150  # 16,384 latents
+    assert torch.equal(modelfile.from_bytes(data)[0].grids[0], model.grids[0])

@@ -107,6 +107,8 @@ def test_target_psnr_takes_the_smallest_model_that_reaches_it():
 def test_a_budget_below_the_smallest_model_is_a_clear_error():
     with pytest.raises(ConfigError, match="below the smallest MR-Net"):
         encode(photo("astronaut.png")[None], make_config("fast", {"levels": 2, "target_bpp": 0.01}), device="cpu")
+    with pytest.raises(ConfigError, match="less than a byte"):  # a budget of 0 bytes is not "no target"
+        encode(photo("astronaut.png")[None], make_config("fast", {"levels": 2, "target_bpp": 1e-5}), device="cpu")
     with pytest.raises(ConfigError, match="periodic"):
         make_config("texture", {"weight_bits": 6})
 

@@ -67,6 +67,26 @@ def test_a_periodic_texture_keeps_tiling_while_panned(tmp_path, browser):
     assert np.abs(home - reference(load(path)[0], 24, 24, 2.0, (-1, -1, 1, 1))).mean() <= 1 / 255
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+def test_a_latent_pyramid_frame_drawn_by_the_page_matches_mrnet_render(tmp_path, browser, periodic):
+    image = sample("coffee.png", 24)[:, :16, :24]
+    cfg = make_config("default", {"levels": 3, "max_epochs": [150], "rate_weight": 0.001, "periodic": periodic,
+                                  "border": "wrap" if periodic else "reflect"}, model="g")
+    _, blobs = encode(image[None], cfg, device="cpu")
+    path = tmp_path / "pyramid.mrnet"
+    path.write_bytes(blobs[0])
+    page = tmp_path / "view.html"
+    assert main(["view", str(path), "--out", str(page)]) == 0
+    decoded, _ = load(path)
+    # Past the edges, zoomed in between latents, and at fractional levels of detail.
+    for width, height, t, window in [(40, 28, 2.6, (-1.3, -1.2, 1.4, 0.9)), (32, 32, 3.0, (-0.2, -0.1, 0.1, 0.2)),
+                                     (24, 20, 1.5, (-1.0, -1.0, 1.0, 1.0))]:
+        drawn, expected = frame(browser, page, tmp_path, width, height, t, window), reference(decoded, width, height,
+                                                                                             t, window)
+        assert np.abs(drawn - expected).mean() <= 1 / 255, (width, height, t)
+        assert drawn.std() > 0.01  # a picture, not a blank frame
+
+
 def test_a_hostile_name_cannot_end_the_page_script():
     from pipeline.viewer import page
     html = page([{"name": "</script><script>alert(1)</script>"}, {"name": "<!--<script>"}],
@@ -90,3 +110,18 @@ def test_bad_view_arguments_are_one_line(tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert not [p for p in tmp_path.glob("*.html") if p.is_file()]
     torch.manual_seed(0)
+
+
+def test_a_model_too_large_for_the_page_is_one_line(tmp_path, capsys):
+    from mrnet_core import latent, modelfile
+    model = latent.LatentNet(latent.LatentArchitecture(1, 1500, 1500, 2, (4,)))  # 2.8 M latents, all zero
+    model.exponents, model.context_exponents = [8], [8]
+    with torch.no_grad():
+        for t in [*model.weights, *model.biases, *model.context_weights, *model.context_biases]:
+            t.copy_(torch.round(t * 256) / 256)
+    path = tmp_path / "large.mrnet"
+    path.write_bytes(modelfile.to_bytes(model, modelfile.ImageMeta(1500, 1500, 1, 2)))
+    assert main(["view", str(path), "--out", str(tmp_path / "v.html")]) == 2
+    err = capsys.readouterr().err
+    assert "more than the viewer holds" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "v.html").exists()
