@@ -181,7 +181,7 @@ ANY_VALUE = (SCALAR | st.lists(SCALAR | st.lists(SCALAR, max_size=2), max_size=2
              | st.dictionaries(st.text(max_size=3), SCALAR, max_size=2))
 FIT_KEYS = [f.name for f in fields(FitConfig)]
 CHOICES = {"model": list(MODELS), "target": ["gaussian", "laplacian"], "border": ["reflect", "wrap"],
-           "periodic": [False, True], "prior": ["auto", "none", "default"]}
+           "periodic": [False, True], "prior": ["auto", "none", "default"], "entropy": ["context", "factorised"]}
 
 
 def number_in(bound):
