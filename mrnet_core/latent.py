@@ -313,6 +313,13 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
     return model.requires_grad_(False)
 
 
+def tensor_bits(symbols: torch.Tensor) -> torch.Tensor:
+    """Estimated bits of each image's integer symbols [B, ...] under a zero-mean Laplace of their own mean absolute
+    value (how a file codes a weight tensor): [B]."""
+    spread = symbols.abs().flatten(1).mean(1).clamp_min(2**-4)  # [B], the Laplace's scale
+    return laplace_bits(symbols.flatten(1), spread.log2()[:, None]).sum(1)
+
+
 def quantise_weights(model: LatentNet, images: torch.Tensor, lam: float | list[float],
                      exponents: range = range(4, 13)) -> list[int]:
     """Round each image's MLP weights to multiples of 2^-e, with the e of `exponents` that minimises its squared error
@@ -333,8 +340,7 @@ def quantise_weights(model: LatentNet, images: torch.Tensor, lam: float | list[f
             for t, k in zip(tensors, kept):
                 symbols = torch.round(k / step)
                 t.copy_(symbols * step)
-                spread = symbols.abs().flatten(1).mean(1).clamp_min(2**-4)  # [B], the Laplace's scale
-                bits += laplace_bits(symbols.flatten(1), spread.log2()[:, None]).sum(1)
+                bits += tensor_bits(symbols)
             error = (model.on_pixels(h, w) - target).square().mean(dim=(1, 2))  # [B]
             loss = error + lam * bits / (h * w)
             better = loss < best
@@ -372,16 +378,15 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
     tensors = [*model.context_weights, *model.context_biases]
     for i in range(model.batch):
         grids = [g[i : i + 1].cpu().long() for g in model.grids]
+        inputs = [context_inputs(z)[0] for z in grids]  # the same for every step tried
         codes = scale_codes(model.grid_scales[i].cpu())
         kept = [t[i].cpu().double() for t in tensors]
         best = (math.inf, None, None)
         for e in exponents:
             symbols = [torch.round(k * 2**e).clamp(-MAX_CONTEXT_SYMBOL, MAX_CONTEXT_SYMBOL).long() for k in kept]
-            bits = sum(laplace_bits(q.flatten().double(), q.abs().double().mean().clamp_min(2**-4).log2()).sum()
-                       for q in symbols)
+            bits = sum(tensor_bits(q[None].double()).sum() for q in symbols)
             for k, z in enumerate(grids):
-                inputs = context_inputs(z)[0]
-                mean8, offset16 = context_codes(inputs, symbols[:2], symbols[2:], e)
+                mean8, offset16 = context_codes(inputs[k], symbols[:2], symbols[2:], e)
                 log2_scale = MIN_LOG2_SCALE + (codes[k] + offset16).clamp(0, 255) / 16
                 bits += laplace_bits(z.flatten().double() - mean8 / 8, log2_scale).sum()
             if bits < best[0]:
