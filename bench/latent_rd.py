@@ -2,7 +2,8 @@
 render times, and each photo's BD-rate against each codec over the rates. Prints markdown tables.
 
     python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
-        (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context]
+        (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context] \\
+        [--prior auto|none|FILE]
 
 Every photo is resized so that its short side is --size and centre-cropped to a square, so that all of them are
 fitted together in one batch (`encode.encode`, as an encode job's actor does); times are the batch's, shared.
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mrnet_core.config import make_config  # noqa: E402
-from mrnet_core.encode import encode  # noqa: E402
+from mrnet_core.encode import choose_prior, encode  # noqa: E402
 from mrnet_core.images import read_image  # noqa: E402
 from mrnet_core.modelfile import from_bytes  # noqa: E402
 from mrnet_core.render import render  # noqa: E402
@@ -52,20 +53,24 @@ def main():
     parser.add_argument("--levels", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--entropy", default="context", choices=("context", "factorised"))
+    parser.add_argument("--prior", default="auto", help="where fits start: auto (the shipped start when it fits the "
+                                                        "config), none (a random draw) or a prior file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = torch.stack([square(p, args.size) for p in args.photos])
     names = [name_of(p) for p in args.photos]
     results = []
+    print(f"prior: {args.prior}\n")
     print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | encode s per image | "
           "decode s | render 256 px s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
     for value in (float(v) for v in values.split(",")):
         cfg = make_config("default", {key: value, "max_epochs": [args.steps], "levels": args.levels,
-                                      "entropy": args.entropy}, model="g")
+                                      "entropy": args.entropy, "prior": args.prior}, model="g")
+        prior = choose_prior(cfg)
         start = time.perf_counter()
-        records, blobs = encode(images, cfg, device="cpu")
+        records, blobs = encode(images, cfg, device="cpu", prior=prior)
         seconds = (time.perf_counter() - start) / len(records)
         for name, image, r, blob in zip(names, images, records, blobs):
             start = time.perf_counter()

@@ -140,7 +140,8 @@ class FitConfig:
     target_bpp: float = 0.0
     target_psnr: float = 0.0
     # Where each image starts: "auto" (the shipped default prior for quantised encodes it has rungs for, else
-    # none), "none" (a random draw, fitted stage by stage), "default", or the path of a prior file (`prior.py`).
+    # none; for latent pyramids the shipped start, if it has their shape), "none" (a random draw, fitted stage by
+    # stage), "default", or the path of a prior file (`prior.py`).
     prior: str = "auto"
     # Latent pyramids (model "g") only: the weight of the latents' bits per pixel against the squared error (lambda
     # of the rate-distortion loss). Higher: smaller files. Their MLP has hidden_layers layers of the finest `hidden`
@@ -196,8 +197,6 @@ class FitConfig:
         if self.target_psnr:
             raise ConfigError("target_psnr: a latent pyramid's quality is set by rate_weight or target_bpp; a PSNR "
                               "target for model g is not built yet")
-        if self.prior not in ("auto", "none"):
-            raise ConfigError(f"prior: latent pyramids start from no prior, not {_show(self.prior)}")
         if self.target != "gaussian" or self.hidden_layers < 1:
             raise ConfigError("target, hidden_layers: a latent pyramid fits gaussian levels with at least one hidden "
                               "layer")
@@ -207,9 +206,12 @@ class FitConfig:
 
     def latent_architecture(self, channels: int, height: int, width: int) -> LatentArchitecture:
         """The latent pyramid (model "g") of this config for an image of height x width."""
-        hidden = (int(self.per_stage("hidden")[-1]),) * self.hidden_layers
-        return LatentArchitecture(channels, width, height, self.levels, hidden, self.periodic,
+        return LatentArchitecture(channels, width, height, self.levels, self.latent_hidden(), self.periodic,
                                   self.entropy == "context")
+
+    def latent_hidden(self) -> tuple:
+        """A latent pyramid's MLP widths: hidden_layers layers of the finest `hidden`."""
+        return (int(self.per_stage("hidden")[-1]),) * self.hidden_layers
 
     def per_stage(self, key: str) -> list:
         """A per-stage list of `levels` entries, finest-aligned (see the note on `first`)."""

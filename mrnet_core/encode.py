@@ -111,7 +111,7 @@ def encode(images: torch.Tensor, cfg: FitConfig, device: str | torch.device | No
     times are the batch's wall time shared evenly among its images (`batch` says how many were fitted together).
     """
     if cfg.model == "g":
-        return encode_latent(images, cfg, device, progress)
+        return encode_latent(images, cfg, device, progress, prior)
     if cfg.target_bpp or cfg.target_psnr:
         return encode_at_rate(images, cfg, lambda im, c, budget: encode(im, c, device, progress, budget, prior),
                               prior)
@@ -136,9 +136,11 @@ def encode(images: torch.Tensor, cfg: FitConfig, device: str | torch.device | No
 
 
 def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
-                  progress: Callable[[int, int, torch.Tensor], None] | None = None
+                  progress: Callable[[int, int, torch.Tensor], None] | None = None, prior: Prior | None = None
                   ) -> tuple[list[Encoding], list[bytes]]:
     """`encode` for latent pyramids (cfg.model "g", `latent.py`): fit the batch, quantise each image's MLP, store.
+    With a `prior` holding a start for this architecture (`prior.Prior.latent_start`) the MLP, context model and
+    grid scales start from it rather than from a random draw; the files do not need it to decode.
 
     With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the
     budget (`latent.fit`'s target), aiming a little under; an image whose file still comes out over is fitted
@@ -147,6 +149,9 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     images = images.to(devices.resolve(device))
     b, c, h, w = images.shape
     arch = cfg.latent_architecture(c, h, w)
+    initial = None if prior is None else prior.latent_start(arch)
+    if prior is not None and initial is None:
+        raise ValueError(f"prior {prior.prior_id} has no start for this latent pyramid ({arch.to_json()})")
     steps, lr = int(cfg.per_stage("max_epochs")[-1]), float(cfg.per_stage("lr")[-1])
     budget = math.floor(cfg.target_bpp * h * w / 8) if cfg.target_bpp else None
     if budget is not None:
@@ -162,13 +167,16 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
         batch = images[todo]
         model = latent.fit(batch, arch, cfg.rate_weight, steps, lr, border=cfg.border, seed=cfg.seed,
                            progress=None if progress is None else lambda step, loss: progress(0, step, loss),
-                           target_bits=None if budget is None else aims[todo])
+                           target_bits=None if budget is None else aims[todo], start=initial)
         latent.quantise_weights(model, batch, model.rate_weights)
-        check_finite(model)
+        try:
+            check_finite(model)
+        except FitDiverged as e:
+            raise FitDiverged(f"{e}, or --prior none rather than prior {prior.prior_id}") if prior else e
         for i, record, blob in zip(todo, *measure(model, batch, cfg)):
-            records[i], blobs[i] = record, blob
+            records[i], blobs[i] = replace(record, prior_id=None if prior is None else prior.prior_id), blob
             if budget is not None:
-                records[i] = replace(record, rate=RateChoice(1.0, None, cfg.target_bpp, None, len(blob) <= budget,
+                records[i] = replace(records[i], rate=RateChoice(1.0, None, cfg.target_bpp, None, len(blob) <= budget,
                                                              round(model.rate_weights[todo.index(i)], 6)))
         over = [i for i in todo if budget is not None and len(blobs[i]) > budget]
         for i in over:  # aim lower by as much as the file was over
@@ -201,7 +209,7 @@ def choose_prior(cfg: FitConfig, channels: int = 3) -> Prior | None:
     the default prior for quantised encodes (weight_bits 8 or fewer, or a rate target) when it has rungs for cfg's
     family, and none otherwise."""
     name = cfg.prior
-    if name == "none" or cfg.model == "g":  # latent pyramids have no prior (their config allows none or auto)
+    if name == "none":
         return None
     if name in ("auto", "default"):
         try:
@@ -218,7 +226,12 @@ def choose_prior(cfg: FitConfig, channels: int = 3) -> Prior | None:
         except priors.PriorError as e:
             raise ConfigError(f"prior: {e}") from None
     rate_controlled = bool(cfg.target_bpp or cfg.target_psnr)
-    if rate_controlled:
+    if cfg.model == "g":  # a start for the config's levels, widths and entropy model (any image size)
+        hidden = cfg.latent_hidden()
+        problem = None if chosen.has_latent_start(cfg.levels, hidden, cfg.entropy == "context") else (
+            f"prior {chosen.prior_id} has no start for latent pyramids of {cfg.levels} levels, hidden widths "
+            f"{list(hidden)} and the {cfg.entropy} entropy model")
+    elif rate_controlled:
         bits_cfg = replace(cfg, weight_bits=min(cfg.weight_bits, 8))
         problem = None if prior_rungs(bits_cfg, chosen) else (
             f"prior {chosen.prior_id} has no rung for this config's model, levels and band limits")

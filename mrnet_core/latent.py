@@ -165,7 +165,7 @@ class LatentNet(nn.Module):
         fade = torch.tensor([min(max(t - k, 0.0), 1.0) for k in range(self.arch.levels)], device=features.device)
         h = features * fade  # [B, P, N]
         for j, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b.unsqueeze(1), h, w)  # [B, P, fan_out]
+            h = torch.baddbmm(b.unsqueeze(1), h, w.expand(len(h), -1, -1))  # [B, P, fan_out]; w may be shared: [1, ...]
             if j < len(self.weights) - 1:
                 h = torch.relu(h)
         return h
@@ -228,8 +228,9 @@ def causal_neighbours(index: np.ndarray, h: int, w: int) -> np.ndarray:
 
 def context_laplace(inputs: torch.Tensor, weights, biases) -> tuple[torch.Tensor, torch.Tensor]:
     """The float context model on inputs [B, P, CONTEXT_INPUTS]: (mean, log2 scale offset), each [B, P]."""
-    hidden = torch.relu(torch.baddbmm(biases[0].unsqueeze(1), inputs, weights[0]))  # [B, P, CONTEXT_HIDDEN]
-    out = torch.baddbmm(biases[1].unsqueeze(1), hidden, weights[1])  # [B, P, 2]
+    b = len(inputs)  # the weights may be one image's, shared by all: [1, ...]
+    hidden = torch.relu(torch.baddbmm(biases[0].unsqueeze(1), inputs, weights[0].expand(b, -1, -1)))  # [B, P, 8]
+    out = torch.baddbmm(biases[1].unsqueeze(1), hidden, weights[1].expand(b, -1, -1))  # [B, P, 2]
     return out[..., 0], out[..., 1]
 
 
@@ -261,7 +262,8 @@ def latent_bits(model: LatentNet, latents: list[torch.Tensor]) -> torch.Tensor:
 def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int = 3000, lr: float = 1e-2,
         coarse_weight: float = 0.1, border: str = "reflect", seed: int = 0,
         progress: Callable[[int, torch.Tensor], None] | None = None,
-        target_bits: torch.Tensor | None = None) -> LatentNet:
+        target_bits: torch.Tensor | None = None, start: list[torch.Tensor] | None = None,
+        shared: bool = False) -> LatentNet:
     """Fit one latent pyramid per image of [B, C, H, W] in [0, 1], all at once: Adam on latents and MLP against
     every level's squared error (the finest weighing 1, each coarser `coarse_weight`) plus `lam` times the latents'
     bits per pixel. Returns the model with its latents rounded to integers. Images are independent: each has its own
@@ -271,17 +273,30 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
 
     With `target_bits` [B], each image's rate weight starts at `lam` and is steered, step by step, towards the one
     whose latents cost that many bits (dual ascent on the rate constraint: up while they cost more, down while
-    less); `model.rate_weights` holds where each ended."""
+    less); `model.rate_weights` holds where each ended.
+
+    `start` (tensors in `start_shapes` order, a prior's: `prior.Prior.latent_start`) replaces the random draw of
+    the MLP, the context model and the grid scales. With `shared`, one MLP and context model serve every image and
+    are fitted to all of them together: how `learn_start` learns a start from a collection."""
     b, c, h, w = images.shape
     if (c, h, w) != (arch.channels, arch.height, arch.width):
         raise ValueError(f"images of {c}x{h}x{w} do not fit a latent architecture of "
                          f"{arch.channels}x{arch.height}x{arch.width}")
     torch.manual_seed(seed)
-    model = LatentNet(arch, batch=b, seed=seed).to(images.device)
+    model = LatentNet(arch, batch=b, seed=seed)
+    if shared:  # the MLP and context model of image 0, for all
+        one = LatentNet(arch, batch=1, seed=seed)
+        model.weights, model.biases = one.weights, one.biases
+        model.context_weights, model.context_biases = one.context_weights, one.context_biases
+    if start is not None:
+        with torch.no_grad():
+            for t, s in zip(_start_tensors(model), start, strict=True):
+                t.copy_(s.expand_as(t))
+    model = model.to(images.device)
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
     levels = [(g.shape[-2:], g.flatten(2).transpose(1, 2), k) for k, g in enumerate(targets)]  # target [B, P, C]
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    lam = torch.full((b,), float(lam), device=images.device)
+    lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device).expand(b).clone()
     for step in range(steps):
         noisy = step < NOISE_SHARE * steps
         for group in optimizer.param_groups:  # cosine decay, a tenth of it once rounding takes over
@@ -311,6 +326,31 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
             g.copy_(torch.round(g))
     model.rate_weights = lam.tolist()
     return model.requires_grad_(False)
+
+
+def start_shapes(levels: int, hidden: tuple, context: bool, channels: int = 3) -> list[tuple[int, ...]]:
+    """The shapes of a latent pyramid's start (`fit`'s `start`, a prior's): each MLP layer's weight [fan_in, fan_out]
+    and bias, the context model's likewise, and the grid scales [levels]."""
+    widths = [levels, *hidden, channels]
+    shapes = [s for fi, fo in zip(widths, widths[1:]) for s in ((fi, fo), (fo,))]
+    return shapes + (_context_shapes() if context else []) + [(levels,)]
+
+
+def _start_tensors(model: LatentNet) -> list[torch.Tensor]:
+    """The model's tensors in `start_shapes` order, each with its image dimension first."""
+    pairs = [*zip(model.weights, model.biases), *zip(model.context_weights, model.context_biases)]
+    return [t for pair in pairs for t in pair] + [model.grid_scales]
+
+
+def learn_start(images: torch.Tensor, arch: LatentArchitecture, lams: list[float], steps: int, lr: float = 1e-2,
+                seed: int = 0, progress: Callable[[int, torch.Tensor], None] | None = None) -> list[torch.Tensor]:
+    """A start for latent pyramids of `arch`, learned from a collection: training images [N, C, H, W] are fitted
+    together (`fit`, each at its own rate weight of `lams`, so the start has seen many rates) with one MLP and
+    context model for all, which become the start (grid scales: their mean over the images). Returns tensors in
+    `start_shapes` order without the image dimension."""
+    model = fit(images, arch, torch.tensor(lams), steps, lr, seed=seed, progress=progress, shared=True)
+    tensors = _start_tensors(model)
+    return [t[0].detach().cpu().clone() for t in tensors[:-1]] + [tensors[-1].detach().mean(0).cpu()]
 
 
 def tensor_bits(symbols: torch.Tensor) -> torch.Tensor:

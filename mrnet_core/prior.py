@@ -1,17 +1,21 @@
-"""Collection priors: learned MR-Net initialisations, one per architecture of a ladder of widths.
+"""Collection priors: learned MR-Net initialisations, one per architecture of a ladder of widths, and a learned
+start for latent pyramids (model g: its MLP, context model and grid scales; `latent.learn_start`).
 
 An image encoded from a prior starts from its architecture's learned weights, is fitted for a short joint phase
 (every stage, every level, through the quantiser), and stores its weights as quantised residuals from the prior
 (`quantize.quantise(..., base=)`), which are smaller and entropy-code better than absolute weights. Rate control
 picks the rung of the ladder (`rung_for`); training is `learn` (first-order, Reptile-like: see its docstring).
+A latent pyramid only starts from a prior: its file stores its own weights, whole, and decodes without the prior.
 
 The `.mrprior` file, pickle-free (all numbers little-endian):
 
     magic     8 bytes  b"\\x89MRPRI\\r\\n"
-    version   uint32   1
+    version   uint32   1, or 2 with a latent pyramid's start
     header    uint32 length, then that many bytes of UTF-8 JSON: {"architectures": [Architecture.to_dict(), ...],
-              "fit": {...how images are fitted from it...}, "training": {...}, "bytes_per_param": [...]}
-    payload   per architecture, float32 weights in model-file order (`modelfile._tensors`)
+              "fit": {...how images are fitted from it...}, "training": {...}, "bytes_per_param": [...]}, and in
+              version 2 "latent": {"levels": N, "hidden": [widths], "context": bool} (architectures may be empty)
+    payload   per architecture, float32 weights in model-file order (`modelfile._tensors`); then, in version 2, the
+              latent start's float32 tensors in `latent.start_shapes` order
     checksum  uint32   CRC-32 of every byte before it
 
 A prior is identified by its content: `prior_id` is the first 16 hex digits of the SHA-256 of the whole file, and a
@@ -31,15 +35,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import latent
+from .latent import LatentArchitecture
 from .network import Architecture, MRNet
 
 MAGIC = b"\x89MRPRI\r\n"
 VERSION = 1
+LATENT_VERSION = 2  # a prior with a latent pyramid's start; version 1 files are read as before
 MAX_HEADER_BYTES = 1 << 16
 MAX_RUNGS = 64
 MAX_PRIOR_PARAMS = 1 << 24  # all rungs together: 64 MiB of float32
 MAX_FILE_BYTES = len(MAGIC) + 8 + MAX_HEADER_BYTES + 4 * MAX_PRIOR_PARAMS + 4
 ID_BYTES = 8
+MAX_LATENT_START = 64.0  # a latent start's weights, biases and log2 scales are of order 1 (the shipped one's are
+# within 2.6): a fit started far beyond that diverges
 DEFAULT_PATH = Path(__file__).with_name("priors") / "default.mrprior"
 # Luma weights: a grey image's output layer starts from this mix of the RGB prior's output columns.
 LUMA = (0.299, 0.587, 0.114)
@@ -57,6 +66,8 @@ class Prior:
     training: dict = field(default_factory=dict)  # what it was trained on, and how
     bytes_per_param: list = field(default_factory=list)  # per rung: measured stored bytes per parameter
     data: bytes = b""  # the file's bytes, once written or read
+    latent: dict | None = None  # a latent pyramid's start: {"levels", "hidden", "context"} (RGB), or None
+    latent_weights: list = field(default_factory=list)  # its tensors, in `latent.start_shapes` order
 
     @property
     def prior_id(self) -> str:
@@ -95,6 +106,24 @@ class Prior:
                 w = (w * luma).sum(1, keepdim=True)
             out.append(w)
         assert len(out) == n
+        return out
+
+
+    def has_latent_start(self, levels: int, hidden: tuple, context: bool) -> bool:
+        return self.latent is not None and (self.latent["levels"], tuple(self.latent["hidden"]),
+                                            self.latent["context"]) == (levels, tuple(hidden), context)
+
+    def latent_start(self, arch: LatentArchitecture) -> list[torch.Tensor] | None:
+        """The start for latent pyramids of `arch` (RGB, or grey: output layer mixed to one channel), or None when
+        this prior has none of its levels, hidden widths and entropy model."""
+        if not self.has_latent_start(arch.levels, arch.hidden, arch.context):
+            return None
+        if arch.channels == 3:
+            return self.latent_weights
+        out = list(self.latent_weights)
+        last = 2 * len(arch.hidden)  # the output layer's weight [fan_in, 3], then its bias [3]
+        out[last] = (out[last] * torch.tensor(LUMA)).sum(1, keepdim=True)
+        out[last + 1] = (out[last + 1] * torch.tensor(LUMA)).sum().view(1)
         return out
 
 
@@ -139,13 +168,17 @@ def prior_id(data: bytes) -> str:
 
 
 def to_bytes(prior: Prior) -> bytes:
-    header = json.dumps({"architectures": [a.to_dict() for a in prior.architectures], "fit": prior.fit,
-                         "training": prior.training, "bytes_per_param": prior.bytes_per_param},
-                        sort_keys=True).encode()
+    fields = {"architectures": [a.to_dict() for a in prior.architectures], "fit": prior.fit,
+              "training": prior.training, "bytes_per_param": prior.bytes_per_param}
+    if prior.latent is not None:
+        fields["latent"] = prior.latent
+    header = json.dumps(fields, sort_keys=True).encode()
     if len(header) > MAX_HEADER_BYTES:
         raise ValueError(f"prior header of {len(header)} bytes is over {MAX_HEADER_BYTES}")
-    payload = b"".join(w.detach().cpu().numpy().astype("<f4").tobytes() for ws in prior.weights for w in ws)
-    body = MAGIC + struct.pack("<II", VERSION, len(header)) + header + payload
+    tensors = [w for ws in prior.weights for w in ws] + list(prior.latent_weights)
+    payload = b"".join(w.detach().cpu().numpy().astype("<f4").tobytes() for w in tensors)
+    version = VERSION if prior.latent is None else LATENT_VERSION
+    body = MAGIC + struct.pack("<II", version, len(header)) + header + payload
     return body + struct.pack("<I", zlib.crc32(body))
 
 
@@ -173,8 +206,9 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Prior:
     if len(data) < len(MAGIC) + 12 or bytes(data[: len(MAGIC)]) != MAGIC:
         raise fail("not an .mrprior file (bad magic bytes)")
     version, length = struct.unpack_from("<II", data, len(MAGIC))
-    if version != VERSION:
-        raise fail(f"prior file version {version} is not supported (this reader knows version {VERSION})")
+    if version not in (VERSION, LATENT_VERSION):
+        raise fail(f"prior file version {version} is not supported (this reader knows versions {VERSION} and "
+                   f"{LATENT_VERSION})")
     end = len(data) - 4
     if zlib.crc32(memoryview(data)[:end]) != struct.unpack_from("<I", data, end)[0]:
         raise fail("checksum mismatch: the file is truncated or corrupt")
@@ -183,18 +217,21 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Prior:
         raise fail(f"header length {length} is past the file's end or over {MAX_HEADER_BYTES}")
     try:
         header = json.loads(bytes(data[start : start + length]).decode())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise fail(f"header is not JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nesting no header needs
+        raise fail(f"header is not JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict) or not isinstance(header.get("architectures"), list):
         raise fail("header has no list of architectures")
     dicts = header["architectures"]
-    if not 1 <= len(dicts) <= MAX_RUNGS:
+    latent_spec = _latent_header(header.get("latent"), fail) if version == LATENT_VERSION else None
+    if not (0 if latent_spec else 1) <= len(dicts) <= MAX_RUNGS:
         raise fail(f"{len(dicts)} rungs (not 1 to {MAX_RUNGS})")
     archs = [_architecture(d, fail, k) for k, d in enumerate(dicts)]
-    total = sum(a.params() for a in archs)
+    latent_shapes = (latent.start_shapes(latent_spec["levels"], tuple(latent_spec["hidden"]), latent_spec["context"])
+                     if latent_spec else [])
+    total = sum(a.params() for a in archs) + sum(math.prod(s) for s in latent_shapes)
     if total > MAX_PRIOR_PARAMS or end - start - length != 4 * total:
-        raise fail(f"payload is {end - start - length} bytes; its {len(archs)} rungs need {4 * total} "
-                   "(truncated or corrupt)")
+        raise fail(f"payload is {end - start - length} bytes; its {len(archs)} rungs"
+                   f"{' and latent start' if latent_spec else ''} need {4 * total} (truncated or corrupt)")
     values = np.frombuffer(data, "<f4", total, start + length).astype(np.float32)
     if not np.isfinite(values).all():
         raise fail("weights contain NaN or infinity")
@@ -208,6 +245,15 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Prior:
                     rung.append(torch.from_numpy(values[at : at + n].reshape(shape).copy()))
                     at += n
         weights.append(rung)
+    if latent_shapes and np.abs(values[at:]).max() > MAX_LATENT_START:
+        raise fail(f"the latent start holds values beyond +-{MAX_LATENT_START:g}, which no fit starts from")
+    latent_weights = []
+    for s in latent_shapes:
+        latent_weights.append(torch.from_numpy(values[at : at + math.prod(s)].reshape(s).copy()))
+        at += math.prod(s)
+    hidden_layers = len(latent_spec["hidden"]) + 1 if latent_spec else 0
+    if any(not latent_weights[2 * j].any() for j in range(hidden_layers)):
+        raise fail("the latent start has an MLP layer of zero weights, from which a fit never learns")
     extras = {}
     for key, kind in (("fit", dict), ("training", dict), ("bytes_per_param", list)):
         value = header.get(key, kind())
@@ -217,11 +263,25 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Prior:
     bpp = extras["bytes_per_param"]
     if bpp and (len(bpp) != len(archs) or not all(isinstance(b, (int, float)) and 0 < b < 8 for b in bpp)):
         raise fail("bytes_per_param must hold one number in (0, 8) per rung")
-    _check_fit(extras["fit"], fail)
+    if archs:  # how the rungs are fitted; a latent start is fitted by its image's own config
+        _check_fit(extras["fit"], fail)
     order = [a.params() for a in archs]
     if order != sorted(order):
         raise fail("rungs must be ordered by parameter count")
-    return Prior(archs, weights, extras["fit"], extras["training"], bpp, bytes(data))
+    return Prior(archs, weights, extras["fit"], extras["training"], bpp, bytes(data), latent_spec, latent_weights)
+
+
+def _latent_header(d, fail):
+    """A header's latent start {"levels", "hidden", "context"}, checked against the model file's bounds."""
+    ok = (isinstance(d, dict) and set(d) == {"levels", "hidden", "context"}
+          and isinstance(d["levels"], int) and not isinstance(d["levels"], bool) and 1 <= d["levels"] <= 16
+          and isinstance(d["hidden"], list) and 1 <= len(d["hidden"]) <= latent.MAX_HIDDEN
+          and all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= latent.MAX_WIDTH for w in d["hidden"])
+          and isinstance(d["context"], bool))
+    if not ok:
+        raise fail(f"header field latent must be {{levels: 1 to 16, hidden: 1 to {latent.MAX_HIDDEN} widths of 1 to "
+                   f"{latent.MAX_WIDTH}, context: true or false}}, not {str(d)[:200]}")
+    return {"levels": d["levels"], "hidden": list(d["hidden"]), "context": d["context"]}
 
 
 FIT_BOUNDS = {"epochs": (1, 10_000), "lr": (1e-7, 1.0), "batch_pixels": (64, 1 << 20)}

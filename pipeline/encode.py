@@ -313,7 +313,9 @@ def run(source, out, cfg, size=None, max_pixels=DEFAULT_MAX_PIXELS, batch_size=1
     seconds = time.perf_counter() - start
     summary = {"config_id": cfg_id, "listed": listed, **totals, "seconds": round(seconds, 2),
                "images_per_second": round(totals["done"] / seconds, 3),
-               "prior_id": prior.prior_id if prior else None, "prior_bytes": len(prior.data) if prior else 0}
+               "prior_id": prior.prior_id if prior else None,
+               # the bytes every file needs beside its own: none for latent pyramids, which only start from it
+               "prior_bytes": len(prior.data) if prior and cfg.model != "g" else 0}
     store.ensure_tables(out)
     write_manifest(out, cfg, cfg_id, size, max_pixels, summary, log)
     if totals["deferred"]:

@@ -8,6 +8,10 @@
 
 Resumable: a rerun continues each rung from its checkpoint when the settings are the same, and starts it afresh
 (saying so) when they are not.
+
+With --model g it learns a start for latent pyramids instead (`latent.learn_start`): the training crops are fitted
+together, with one MLP and context model for all, on one Ray worker; DIR/prior.mrprior holds that start. That one fit
+is not checkpointed: a killed run starts again.
 """
 import json
 import math
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mrnet_core import latent
 from mrnet_core import prior as priors
 from mrnet_core.config import ConfigError, make_config
 from mrnet_core.images import ImageError, decode, to_pil
@@ -33,6 +38,10 @@ from . import store, track
 from .console import Progress, init_ray
 from .sources import has_scheme, list_images, read_bytes
 
+LATENT_RATES = (0.01, 0.003, 0.001)  # a latent start's training crops are fitted at these rate weights, in turn
+LATENT_MAX_PIXELS = 64 * 256 * 256  # of a latent start's crops, all fitted in one batch: about 50 MB per 256 px crop
+# Flags of the M-Net ladder's training, which `--model g` refuses rather than ignores.
+LADDER_FLAGS = ("scales", "batch", "epochs", "inner_epochs", "batch_pixels", "meta_rate", "holdout")
 CHECKPOINT_EVERY = 5  # outer steps per actor call, and so between checkpoints
 SCORE_CROPS = 6  # held-out crops each rung is scored on: each is fitted twice at the encoder's full budget
 MAX_CROPS = 4096
@@ -56,9 +65,9 @@ def crops_of(image, count, size, rng):
     return out
 
 
-def training_crops(source, size, per_image, holdout, seed, log):
-    """(training crops, held-out crops) as float tensors [N, 3, size, size]; every `holdout`-th image (at least one
-    when there are two or more) gives held-out crops only."""
+def training_crops(source, size, per_image, holdout, seed, log, limit=MAX_CROPS):
+    """(training crops, held-out crops) as float tensors [N, 3, size, size], `limit` crops at most; every `holdout`-th
+    image (at least one when there are two or more) gives held-out crops only."""
     rng = np.random.default_rng(seed)
     train, held, used = [], [], 0
     for uri in list_images(source):
@@ -69,8 +78,8 @@ def training_crops(source, size, per_image, holdout, seed, log):
             continue
         used += 1
         (held if holdout and used % holdout == 0 else train).extend(crops_of(image, per_image, size, rng))
-        if len(train) + len(held) >= MAX_CROPS:
-            log(f"prior train: {MAX_CROPS} crops reached; the remaining images are not used")
+        if len(train) + len(held) >= limit:
+            log(f"prior train: {limit} crops reached; the remaining images are not used")
             break
     if not train:
         raise ConfigError(f"{source}: no usable training images")
@@ -167,11 +176,78 @@ def score_rung(arch, weights, settings, crops):
             "bytes_per_param": per_param}
 
 
+class LatentStartTrainer:
+    """An actor that runs `latent.learn_start` (`run`) and answers, meanwhile, how far it is (`status`)."""
+
+    def __init__(self):
+        self.step, self.curve = 0, []  # the mean squared error every 10 steps
+
+    def run(self, crops, arch, steps, lr, seed, threads):
+        """The start's tensors as arrays, and the curve."""
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() and _granted_gpu() else "cpu"
+        images = torch.from_numpy(np.array(crops)).to(device)
+        lams = [LATENT_RATES[i % len(LATENT_RATES)] for i in range(len(images))]
+
+        def progress(step, error):
+            self.step = step + 1
+            if step % 10 == 0:
+                self.curve.append((step, float(error.mean())))
+
+        start = latent.learn_start(images, arch, lams, steps, lr, seed, progress)
+        return [t.numpy() for t in start], self.curve
+
+    def status(self):
+        return self.step, self.curve[-1][1] if self.curve else float("nan")
+
+
+def cmd_latent_train(args, out, log):
+    """`prior train --model g`: a prior holding one start for latent pyramids of the g preset's shape."""
+    import ray
+
+    cfg = make_config("default", {}, model="g")
+    start = time.perf_counter()
+    train, _, used = training_crops(args.input, args.size, args.crops, 0, args.seed, log,
+                                    limit=max(1, LATENT_MAX_PIXELS // args.size**2))
+    arch = cfg.latent_architecture(3, args.size, args.size)
+    log(f"prior train: {used} image(s), {len(train)} training crops of {args.size} px; one start for latent "
+        f"pyramids ({arch.levels} levels, hidden {list(arch.hidden)}), {args.steps} steps on one worker")
+    if not ray.is_initialized():
+        init_ray(args.ray_address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    threads = 1 if gpus else max(1, int(ray.cluster_resources().get("CPU", 1)))
+    tracker = track.start(out, args.experiment, log, command="prior train")
+    trainer = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0, max_concurrency=2)(LatentStartTrainer).remote()
+    done = trainer.run.remote(train.numpy(), arch, args.steps, args.lr, args.seed, threads)
+    progress = Progress("prior train", args.steps, unit="steps")
+    while not ray.wait([done], timeout=2.0)[0]:
+        step, error = ray.get(trainer.status.remote())
+        progress.update(step, f"mean squared error {error:.5f}")
+    tensors, curve = ray.get(done)
+    progress.update(args.steps)
+    progress.close()
+    settings = {"model": "g", "size": args.size, "steps": args.steps, "lr": args.lr, "seed": args.seed,
+                "crops": args.crops, "rate_weights": list(LATENT_RATES)}
+    trained = priors.Prior([], [], {}, {"settings": settings, "images": used, "crops": len(train),
+                                        "seconds": round(time.perf_counter() - start, 1)},
+                           latent={"levels": arch.levels, "hidden": list(arch.hidden), "context": arch.context},
+                           latent_weights=[torch.from_numpy(np.array(t)) for t in tensors])
+    prior_id = priors.save(os.path.join(out, "prior.mrprior"), trained)
+    store.write_json(out, "training.json", {"prior_id": prior_id, **trained.training, "history": curve})
+    log_run(tracker, out, trained, {"latent": curve}, log)
+    print(json.dumps({"prior_id": prior_id, "path": os.path.join(out, "prior.mrprior"), "bytes": len(trained.data),
+                      "seconds": trained.training["seconds"], "mlflow": track.report(tracker)}))
+    return 0
+
+
 def cmd_prior_train(args):
     import ray
 
     if has_scheme(args.out):
         raise ConfigError(f"--out: prior train writes a local folder, not {args.out!r}")
+    steps, lr = (800, 1e-2) if args.model == "g" else (80, 3e-3)
+    args.steps = steps if args.steps is None else args.steps
+    args.lr = lr if args.lr is None else args.lr
     for name, value, lo, hi in (("--steps", args.steps, 1, MAX_STEPS), ("--batch", args.batch, 1, 1024),
                                 ("--crops", args.crops, 1, MAX_CROPS), ("--size", args.size, 16, 1024),
                                 ("--epochs", args.epochs, 1, 10_000), ("--inner-epochs", args.inner_epochs, 1, 10_000),
@@ -186,11 +262,21 @@ def cmd_prior_train(args):
         raise ConfigError(f"--scales: must be numbers separated by commas, not {args.scales!r}") from None
     if not scales or not all(1 / 64 <= s <= 4 for s in scales) or len(scales) > priors.MAX_RUNGS:
         raise ConfigError(f"--scales: 1 to {priors.MAX_RUNGS} width scales from 1/64 to 4, not {args.scales!r}")
+    out = os.path.abspath(args.out)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    if args.model == "g":
+        given = [f"--{k.replace('_', '-')}" for k in LADDER_FLAGS if getattr(args, k) != args.ladder_defaults[k]]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: train the M-Net ladder (--model m), not a latent start")
+        try:
+            make_config("default", {}, model="g").latent_architecture(3, args.size, args.size)
+        except ValueError as e:
+            raise ConfigError(f"--size: {e}") from None
+        os.makedirs(out, exist_ok=True)
+        return cmd_latent_train(args, out, log)
     cfg = make_config("compact", {"prior": "none"})
     settings = rung_settings(args, cfg)
-    out = os.path.abspath(args.out)
     os.makedirs(os.path.join(out, "rungs"), exist_ok=True)
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     start = time.perf_counter()
     train, held, used = training_crops(args.input, args.size, args.crops, args.holdout, args.seed, log)
     log(f"prior train: {used} image(s): {len(train)} training crops, {0 if held is None else len(held)} held out; "
@@ -280,15 +366,15 @@ def log_run(tracker, out, trained, histories, log):
     def log_all():
         from mlflow.entities import Metric, Param
         client, now = track.client_for(out), int(time.time() * 1000)
-        metrics = [Metric(f"rung_{k}/inner_loss", float(loss), now, int(step))
+        metrics = [Metric(f"rung_{k}/inner_loss" if isinstance(k, int) else f"{k}/mse", float(loss), now, int(step))
                    for k, h in histories.items() for step, loss in h if math.isfinite(loss)]
-        for k, s in enumerate(trained.training["scores"]):
+        for k, s in enumerate(trained.training.get("scores", [])):
             for key in ("gain_db", "psnr_prior", "psnr_random", "bytes_per_param"):
                 if s:
                     metrics.append(Metric(f"rung_{k}/{key}", s[key], now, 0))
         metrics.append(Metric("prior_bytes", len(trained.data), now, 0))
         params = {f"train.{k}": json.dumps(v) for k, v in trained.training["settings"].items()}
-        params.update(prior_id=trained.prior_id, scales=json.dumps(trained.training["scales"]))
+        params.update(prior_id=trained.prior_id, scales=json.dumps(trained.training.get("scales")))
         for first in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
             client.log_batch(tracker["run_id"], metrics=metrics[first:first + 1000],
                              params=[Param(k, v[:6000]) for k, v in params.items()] if first == 0 else [])
@@ -300,22 +386,27 @@ def log_run(tracker, out, trained, histories, log):
 
 
 def add_parser(sub):
-    p = sub.add_parser("prior", help="collection priors: learned initialisations for compact encodes")
+    p = sub.add_parser("prior", help="collection priors: learned starts for compact encodes and latent pyramids")
     actions = p.add_subparsers(dest="action", required=True)
     t = actions.add_parser("train", help="learn a prior over a collection of photos (resumable)")
     t.add_argument("input", metavar="INPUT", help="folder, glob, or .txt file of URIs of training images")
     t.add_argument("--out", required=True, help="output folder: prior.mrprior, training.json, rungs/")
+    t.add_argument("--model", choices=("m", "g"), default="m",
+                   help="m: a ladder of M-Net initialisations (default); g: a start for latent pyramids, learned by "
+                        "fitting the crops together with one MLP and context model")
     t.add_argument("--size", type=int, default=256, help="training crops' side in pixels (default 256)")
     t.add_argument("--scales", default="0.5,0.59,0.71,0.84,1,1.19,1.41",
                    help="the ladder: width scales of the compact preset's widths (default: 0.5 to 1.41, 2^(1/4) "
                         "apart; about 0.18 to 1.4 bpp at 256 px)")
-    t.add_argument("--steps", type=int, default=80, help="outer (meta) steps per rung (default 80)")
+    t.add_argument("--steps", type=int, help="outer (meta) steps per rung (default 80); with --model g, the fit's "
+                                             "steps (default 800)")
     t.add_argument("--batch", type=int, default=8, help="images per outer step (default 8)")
     t.add_argument("--crops", type=int, default=64, help="random crops per training image (default 64)")
     t.add_argument("--epochs", type=int, default=40, help="joint-phase epochs an image gets when encoded from the "
                                                           "prior, and when scored (default 40)")
     t.add_argument("--inner-epochs", type=int, default=2, help="joint-phase epochs of each training fit (default 2)")
-    t.add_argument("--lr", type=float, default=3e-3, help="joint-phase learning rate (default 3e-3)")
+    t.add_argument("--lr", type=float, help="joint-phase learning rate (default 3e-3); with --model g, the fit's "
+                                            "(default 1e-2)")
     t.add_argument("--batch-pixels", type=int, default=2048, help="pixels per level per step (default 2048)")
     t.add_argument("--meta-rate", type=float, default=0.1, help="Reptile's outer step, decaying to a tenth "
                                                                 "(default 0.1)")
@@ -324,5 +415,5 @@ def add_parser(sub):
     t.add_argument("--ray-address", help="join this Ray cluster (default: a local one)")
     t.add_argument("--experiment", help="MLflow experiment (default: mrnet-<OUT's folder name>)")
     t.add_argument("-v", "--verbose", action="store_true", help="show Ray's and MLflow's own logs")
-    t.set_defaults(run=cmd_prior_train)
+    t.set_defaults(run=cmd_prior_train, ladder_defaults={k: t.get_default(k) for k in LADDER_FLAGS})
     return p

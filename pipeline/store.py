@@ -40,7 +40,8 @@ ENCODINGS = pa.schema([
     ("weights", pa.binary()),  # the .mrnet model file: mrnet_core.modelfile.from_bytes(weights)
     ("params", pa.int64()),
     ("weight_bits", pa.int32()),  # 32 or 16: float weights; 2 to 12: quantised and entropy-coded
-    ("prior_id", pa.string()),  # the prior the weights are coded against (OUT/priors/<prior_id>.mrprior); null: none
+    ("prior_id", pa.string()),  # the prior the image started from (OUT/priors/<prior_id>.mrprior); an MR-Net's weights
+    # are coded against it, a latent pyramid's are not (its file decodes alone); null: none
     ("width_scale", pa.float64()),  # rate control: the widths used, relative to the config's; null without
     ("target_met", pa.bool_()),  # rate control: whether the bpp / PSNR targets were met; null without
     ("step_coarsening", pa.int32()),  # rate control: steps raised by 2^(k/8) so the file fits; null without
