@@ -47,8 +47,8 @@ MAX_RUNGS = 64
 MAX_PRIOR_PARAMS = 1 << 24  # all rungs together: 64 MiB of float32
 MAX_FILE_BYTES = len(MAGIC) + 8 + MAX_HEADER_BYTES + 4 * MAX_PRIOR_PARAMS + 4
 ID_BYTES = 8
-MAX_LATENT_START = 64.0  # a latent start's weights, biases and log2 scales are of order 1 (the shipped one's are
-# within 2.6): a fit started far beyond that diverges
+MAX_LATENT_START = 64.0  # a latent start's weights, biases and log2 scales are of order 1 (the one trained for
+# docs/performance.md is within 2.6): a fit started far beyond that diverges
 DEFAULT_PATH = Path(__file__).with_name("priors") / "default.mrprior"
 # Luma weights: a grey image's output layer starts from this mix of the RGB prior's output columns.
 LUMA = (0.299, 0.587, 0.114)
@@ -251,8 +251,8 @@ def from_bytes(data: bytes, name: str = "<bytes>") -> Prior:
     for s in latent_shapes:
         latent_weights.append(torch.from_numpy(values[at : at + math.prod(s)].reshape(s).copy()))
         at += math.prod(s)
-    hidden_layers = len(latent_spec["hidden"]) + 1 if latent_spec else 0
-    if any(not latent_weights[2 * j].any() for j in range(hidden_layers)):
+    mlp_layers = len(latent_spec["hidden"]) + 1 if latent_spec else 0  # weights at 0, 2, ...: each then its bias
+    if any(not latent_weights[2 * j].any() for j in range(mlp_layers)):
         raise fail("the latent start has an MLP layer of zero weights, from which a fit never learns")
     extras = {}
     for key, kind in (("fit", dict), ("training", dict), ("bytes_per_param", list)):

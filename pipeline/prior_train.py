@@ -201,15 +201,13 @@ class LatentStartTrainer:
         return self.step, self.curve[-1][1] if self.curve else float("nan")
 
 
-def cmd_latent_train(args, out, log):
-    """`prior train --model g`: a prior holding one start for latent pyramids of the g preset's shape."""
+def cmd_latent_train(args, arch, out, log):
+    """`prior train --model g`: a prior holding one start for latent pyramids of `arch` (the g preset's shape)."""
     import ray
 
-    cfg = make_config("default", {}, model="g")
     start = time.perf_counter()
     train, _, used = training_crops(args.input, args.size, args.crops, 0, args.seed, log,
                                     limit=max(1, LATENT_MAX_PIXELS // args.size**2))
-    arch = cfg.latent_architecture(3, args.size, args.size)
     log(f"prior train: {used} image(s), {len(train)} training crops of {args.size} px; one start for latent "
         f"pyramids ({arch.levels} levels, hidden {list(arch.hidden)}), {args.steps} steps on one worker")
     if not ray.is_initialized():
@@ -269,11 +267,11 @@ def cmd_prior_train(args):
         if given:
             raise ConfigError(f"{', '.join(given)}: train the M-Net ladder (--model m), not a latent start")
         try:
-            make_config("default", {}, model="g").latent_architecture(3, args.size, args.size)
+            arch = make_config("default", {}, model="g").latent_architecture(3, args.size, args.size)
         except ValueError as e:
             raise ConfigError(f"--size: {e}") from None
         os.makedirs(out, exist_ok=True)
-        return cmd_latent_train(args, out, log)
+        return cmd_latent_train(args, arch, out, log)
     cfg = make_config("compact", {"prior": "none"})
     settings = rung_settings(args, cfg)
     os.makedirs(os.path.join(out, "rungs"), exist_ok=True)
