@@ -51,6 +51,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--levels", type=int, default=7)
+    parser.add_argument("--hidden", type=int, help="the MLP's hidden width (default: the g preset's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--entropy", default="context", choices=("context", "factorised"))
     parser.add_argument("--prior", default="auto", help="where fits start: auto (the shipped start when it fits the "
@@ -66,8 +67,9 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|---|")
     key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
     for value in (float(v) for v in values.split(",")):
-        cfg = make_config("default", {key: value, "max_epochs": [args.steps], "levels": args.levels,
-                                      "entropy": args.entropy, "prior": args.prior}, model="g")
+        overrides = {key: value, "max_epochs": [args.steps], "levels": args.levels, "entropy": args.entropy,
+                     "prior": args.prior, **({"hidden": [args.hidden]} if args.hidden else {})}
+        cfg = make_config("default", overrides, model="g")
         prior = choose_prior(cfg)
         start = time.perf_counter()
         records, blobs = encode(images, cfg, device="cpu", prior=prior)

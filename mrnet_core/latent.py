@@ -145,27 +145,36 @@ class LatentNet(nn.Module):
         the grids (noisy or rounded ones while fitting)."""
         grids = self.grids if latents is None else latents
         features = [sample(g, coords, self.arch.periodic) for g in grids]  # N of [B, P]
-        return self.mlp(torch.stack(features, dim=-1), t)
+        return self.mlp(torch.stack(features, dim=1), t).transpose(1, 2)
 
     def on_pixels(self, height: int, width: int, t: float | None = None,
                   latents: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """`forward` at the pixel centres of a height x width image of the whole domain (`pyramid.pixel_grid`), for
-        fitting: there bilinear interpolation is torch's upsampling, which is several times faster (the same values,
+        """`forward` at the pixel centres of a height x width image of the whole domain (`pyramid.pixel_grid`)."""
+        return self.mlp(self.pixel_features(height, width, latents), t).transpose(1, 2)
+
+    def pixel_features(self, height: int, width: int, latents: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The MLP's inputs [B, N, H*W] at the pixel centres of a height x width image of the whole domain. There
+        bilinear interpolation is torch's upsampling, which is several times faster than `sample` (the same values,
         up to rounding; periodic grids go through `sample`)."""
-        if self.arch.periodic:
-            return self(pixel_grid(height, width, device=self.grids[0].device), t, latents)
         grids = self.grids if latents is None else latents
+        if self.arch.periodic:
+            coords = pixel_grid(height, width, device=grids[0].device)
+            return torch.stack([sample(g, coords, True) for g in grids], dim=1)
         up = [F.interpolate(g.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
               for g in grids]  # N of [B, 1, H, W]
-        return self.mlp(torch.cat(up, dim=1).flatten(2).transpose(1, 2), t)  # features [B, H*W, N]
+        return torch.cat(up, dim=1).flatten(2)
+
+    def fade(self, t: float | None = None) -> torch.Tensor:
+        """c_k(t) of every grid k: [N]; t=None shows every level."""
+        t = float(self.arch.levels) if t is None else float(t)
+        return torch.tensor([min(max(t - k, 0.0), 1.0) for k in range(self.arch.levels)], device=self.grids[0].device)
 
     def mlp(self, features: torch.Tensor, t: float | None = None) -> torch.Tensor:
-        """The MLP on interpolated grids [B, P, N], the finer ones faded out by c_k(t): [B, P, C]."""
-        t = float(self.arch.levels) if t is None else float(t)
-        fade = torch.tensor([min(max(t - k, 0.0), 1.0) for k in range(self.arch.levels)], device=features.device)
-        h = features * fade  # [B, P, N]
-        for j, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = torch.baddbmm(b.unsqueeze(1), h, w.expand(len(h), -1, -1))  # [B, P, fan_out]; w may be shared: [1, ...]
+        """The MLP on interpolated grids [B, N, P], the finer ones faded out by c_k(t): [B, C, P]. Channels first:
+        with P the long, contiguous dimension the narrowest products run about 3 times faster."""
+        h = features if t is None else features * self.fade(t)[:, None]  # [B, N, P]
+        for j, (w, b) in enumerate(zip(self.weights, self.biases)):  # w [B, fan_in, fan_out], or shared: [1, ...]
+            h = torch.baddbmm(b.unsqueeze(2), w.transpose(1, 2).expand(len(h), -1, -1), h)  # [B, fan_out, P]
             if j < len(self.weights) - 1:
                 h = torch.relu(h)
         return h
@@ -202,7 +211,8 @@ def context_inputs(grid: torch.Tensor) -> torch.Tensor:
     integer grid)."""
     b, h, w = grid.shape
     padded = F.pad(grid, (2, 2, 2, 0))  # two rows above, two columns either side
-    return torch.stack([padded[:, 2 + dr : 2 + dr + h, 2 + dc : 2 + dc + w] for dr, dc in CAUSAL], -1).flatten(1, 2)
+    shifted = torch.stack([padded[:, 2 + dr : 2 + dr + h, 2 + dc : 2 + dc + w] for dr, dc in CAUSAL], 1)
+    return shifted.flatten(2).transpose(1, 2)  # stored channels first, for `context_laplace`
 
 
 def decode_order(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -227,11 +237,12 @@ def causal_neighbours(index: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def context_laplace(inputs: torch.Tensor, weights, biases) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float context model on inputs [B, P, CONTEXT_INPUTS]: (mean, log2 scale offset), each [B, P]."""
-    b = len(inputs)  # the weights may be one image's, shared by all: [1, ...]
-    hidden = torch.relu(torch.baddbmm(biases[0].unsqueeze(1), inputs, weights[0].expand(b, -1, -1)))  # [B, P, 8]
-    out = torch.baddbmm(biases[1].unsqueeze(1), hidden, weights[1].expand(b, -1, -1))  # [B, P, 2]
-    return out[..., 0], out[..., 1]
+    """The float context model on inputs [B, P, CONTEXT_INPUTS]: (mean, log2 scale offset), each [B, P]. It runs
+    channels first, as `LatentNet.mlp` does (inputs stored so, as `context_inputs` makes them, need no copy)."""
+    b, x = len(inputs), inputs.transpose(1, 2)  # the weights may be one image's, shared by all: [1, ...]
+    hidden = torch.relu(torch.baddbmm(biases[0].unsqueeze(2), weights[0].transpose(1, 2).expand(b, -1, -1), x))
+    out = torch.baddbmm(biases[1].unsqueeze(2), weights[1].transpose(1, 2).expand(b, -1, -1), hidden)  # [B, 2, P]
+    return out[:, 0], out[:, 1]
 
 
 def context_codes(inputs: torch.Tensor, weights, biases, exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,16 +258,16 @@ def context_codes(inputs: torch.Tensor, weights, biases, exponent: int) -> tuple
 
 
 def latent_bits(model: LatentNet, latents: list[torch.Tensor]) -> torch.Tensor:
-    """The bits of `latents` (the model's grids, noisy or rounded) under its entropy model, per image: [B]."""
-    bits = 0
-    for k, z in enumerate(latents):
-        if model.arch.context:
-            inputs = context_inputs(z)
-            mean, offset = context_laplace(inputs, model.context_weights, model.context_biases)  # [B, h * w]
-            bits = bits + laplace_bits(z.flatten(1) - mean, offset + model.grid_scales[:, k, None]).sum(1)
-        else:
-            bits = bits + laplace_bits(z.flatten(1), model.grid_scales[:, k, None]).sum(1)
-    return bits
+    """The bits of `latents` (the model's grids, noisy or rounded) under its entropy model, per image: [B]. All grids
+    are coded in one pass, which runs faster than one pass per grid."""
+    symbols = torch.cat([z.flatten(1) for z in latents], 1)  # [B, P], P the latents of every grid
+    counts = torch.tensor([z[0].numel() for z in latents], device=symbols.device)
+    log2_scale = model.grid_scales.repeat_interleave(counts, dim=1, output_size=symbols.shape[1])  # [B, P]
+    if model.arch.context:
+        inputs = torch.cat([context_inputs(z).transpose(1, 2) for z in latents], 2).transpose(1, 2)  # channels first
+        mean, offset = context_laplace(inputs, model.context_weights, model.context_biases)  # [B, P] each
+        symbols, log2_scale = symbols - mean, log2_scale + offset
+    return laplace_bits(symbols, log2_scale).sum(1)
 
 
 def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int = 3000, lr: float = 1e-2,
@@ -294,7 +305,8 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
                 t.copy_(s.expand_as(t))
     model = model.to(images.device)
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
-    levels = [(g.shape[-2:], g.flatten(2).transpose(1, 2), k) for k, g in enumerate(targets)]  # target [B, P, C]
+    levels = [(g.shape[-2:], g.flatten(2), k) for k, g in enumerate(targets)]  # target [B, C, P]
+    counts = [target.shape[2] for _, target, _ in levels]
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device).expand(b).clone()
     for step in range(steps):
@@ -305,11 +317,14 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
             latents = [g + torch.rand_like(g[:1]) - 0.5 for g in model.grids]
         else:  # rounded on the way forward, the identity on the way back
             latents = [g + (torch.round(g) - g).detach() for g in model.grids]
-        loss = 0
-        for (height, width), target, k in levels:
-            error = (model.on_pixels(height, width, k + 1, latents) - target).square().mean(dim=(1, 2))  # [B]
-            loss = loss + error * (1.0 if k == arch.levels - 1 else coarse_weight)
-        finest = error.detach()
+        # Every level's pixels through the MLP in one pass, which runs faster than one pass per level. Level k is
+        # t = k + 1: grids 0 to k at full weight, the finer ones faded out (their inputs 0, not interpolated).
+        features = torch.cat([F.pad(model.pixel_features(*size, latents[: k + 1]), (0, 0, 0, arch.levels - k - 1))
+                              for size, _, k in levels], dim=2)
+        errors = [(out - target).square().mean(dim=(1, 2))  # [B] per level
+                  for out, (_, target, _) in zip(model.mlp(features).split(counts, dim=2), levels)]
+        loss = sum(errors[:-1]) * coarse_weight + errors[-1]
+        finest = errors[-1].detach()
         bits = latent_bits(model, latents)  # [B]
         loss = (loss + lam * bits / (h * w)).sum()
         optimizer.zero_grad(set_to_none=True)
@@ -418,7 +433,8 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
     tensors = [*model.context_weights, *model.context_biases]
     for i in range(model.batch):
         grids = [g[i : i + 1].cpu().long() for g in model.grids]
-        inputs = [context_inputs(z)[0] for z in grids]  # the same for every step tried
+        inputs = [context_inputs(z)[0].contiguous() for z in grids]  # the same for every step tried; rows stored
+        # contiguous: int64 products have no fast path for strided operands
         codes = scale_codes(model.grid_scales[i].cpu())
         kept = [t[i].cpu().double() for t in tensors]
         best = (math.inf, None, None)
@@ -539,7 +555,7 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
             top = int(np.abs(grid).max())
             parts.append(_GROUP.pack(code, top))
             if top:
-                inputs = context_inputs(torch.from_numpy(grid.astype(np.int64))[None])[0]
+                inputs = context_inputs(torch.from_numpy(grid.astype(np.int64))[None])[0].contiguous()
                 means, scales = _context_laplace(inputs, context[0::2], context[1::2], context_exponent, code, top)
                 order = decode_order(*grid.shape)[0]
                 encoder.encode(grid.ravel()[order], constriction.stream.model.QuantizedLaplace(-top, top),

@@ -1,0 +1,58 @@
+"""Latent pyramids (model g): seconds per fitting step and per image-step, at each size and batch. Prints a markdown
+table; the quality of a short fit is printed beside it, so that a faster step that fits worse shows.
+
+    python bench/latent_step.py [--sizes 128,256] [--batches 1,4] [--steps 30] [--threads 2]
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mrnet_core import latent  # noqa: E402
+from mrnet_core.images import read_image  # noqa: E402
+from mrnet_core.metrics import psnr  # noqa: E402
+
+PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]
+
+
+def crops(size, count):
+    """`count` size x size RGB crops from the top-left of the bundled photos, resized so that their short side is
+    `size`."""
+    out = []
+    for i in range(count):
+        image = read_image(ROOT / "samples" / PHOTOS[i % len(PHOTOS)])[0].expand(3, -1, -1)
+        scale = size / min(image.shape[1:])
+        shape = (max(size, round(image.shape[1] * scale)), max(size, round(image.shape[2] * scale)))
+        out.append(torch.nn.functional.interpolate(image[None], size=shape, mode="area")[0, :, :size, :size])
+    return torch.stack(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="128,256")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| size | batch | s per step | s per image-step | PSNR after the steps (dB, mean) |")
+    print("|---|---|---|---|---|")
+    for size in (int(s) for s in args.sizes.split(",")):
+        for batch in (int(b) for b in args.batches.split(",")):
+            images = crops(size, batch)
+            arch = latent.LatentArchitecture(3, size, size, 7, (16, 16))
+            latent.fit(images, arch, 0.003, steps=3)  # warm-up
+            start = time.perf_counter()
+            model = latent.fit(images, arch, 0.003, steps=args.steps)
+            seconds = (time.perf_counter() - start) / args.steps
+            quality = psnr(model.on_pixels(size, size).transpose(1, 2).reshape(images.shape), images).mean()
+            print(f"| {size} | {batch} | {seconds:.3f} | {seconds / batch:.3f} | {float(quality):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
