@@ -95,19 +95,11 @@ class Prior:
         weights = self.weights[self.rung(arch)]
         if arch.channels == 3:
             return weights
-        luma = torch.tensor(LUMA)
-        out, n = [], len(weights)
+        out = list(weights)
         per_stage = [2 * len(arch.layer_shapes(i)) for i in range(len(arch.stages))]
-        ends = set(np.cumsum(per_stage).tolist())  # index just past each stage's output bias
-        for j, w in enumerate(weights):
-            if j + 1 in ends:  # output bias [3]
-                w = (w * luma).sum().view(1)
-            elif j + 2 in ends:  # output weight [fan_in, 3]
-                w = (w * luma).sum(1, keepdim=True)
-            out.append(w)
-        assert len(out) == n
+        for end in np.cumsum(per_stage).tolist():  # just past each stage's output layer: its weight, then its bias
+            out[end - 2], out[end - 1] = _grey(out[end - 2], out[end - 1])
         return out
-
 
     def has_latent_start(self, levels: int, hidden: tuple, context: bool) -> bool:
         return self.latent is not None and (self.latent["levels"], tuple(self.latent["hidden"]),
@@ -121,10 +113,15 @@ class Prior:
         if arch.channels == 3:
             return self.latent_weights
         out = list(self.latent_weights)
-        last = 2 * len(arch.hidden)  # the output layer's weight [fan_in, 3], then its bias [3]
-        out[last] = (out[last] * torch.tensor(LUMA)).sum(1, keepdim=True)
-        out[last + 1] = (out[last + 1] * torch.tensor(LUMA)).sum().view(1)
+        last = 2 * len(arch.hidden)  # the output layer's weight, then its bias
+        out[last], out[last + 1] = _grey(out[last], out[last + 1])
         return out
+
+
+def _grey(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An RGB output layer (weight [fan_in, 3], bias [3]) mixed by LUMA into one grey channel."""
+    luma = torch.tensor(LUMA)
+    return (weight * luma).sum(1, keepdim=True), (bias * luma).sum().view(1)
 
 
 def _rgb(arch):
