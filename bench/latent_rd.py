@@ -62,9 +62,9 @@ def main():
     names = [name_of(p) for p in args.photos]
     results = []
     print(f"prior: {args.prior}\n")
-    print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | encode s per image | "
-          "decode s | render 256 px s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | fits | "
+          "encode s per image | decode s | render 256 px s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
     for value in (float(v) for v in values.split(",")):
         overrides = {key: value, "max_epochs": [args.steps], "levels": args.levels, "entropy": args.entropy,
@@ -86,7 +86,7 @@ def main():
             show = " | ".join("-" if codecs[c] is None else f"{codecs[c]:.2f}" for c in CODECS)
             rate = f"{value:g} bpp" if args.bpps else f"lambda {value:g}"
             print(f"| {name} | {rate} | {r.bpp:.3f} | {' / '.join(f'{lv.psnr:.2f}' for lv in r.levels)} | {show} | "
-                  f"{seconds:.0f} | {decode:.2f} | {draw:.3f} |", flush=True)
+                  f"{r.stages[0].epochs // args.steps} | {seconds:.0f} | {decode:.2f} | {draw:.3f} |", flush=True)
     print("\n| photo | BD-rate vs JPEG | vs WebP | vs AVIF |\n|---|---|---|---|")
     for name, image in zip(names, images):
         mine = sorted((r["bpp"], r["psnr"]) for r in results if r["photo"] == name)

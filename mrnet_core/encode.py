@@ -23,8 +23,13 @@ from .rate import RateChoice, encode_at_rate, prior_rungs, within_budget
 from .render import render
 
 
-LATENT_RATE_TRIES = 3  # fits of a latent pyramid whose file comes out over its bpp target
+LATENT_RATE_TRIES = 3  # fits of a latent pyramid whose file comes out over its bpp target, or far under it
 LATENT_RATE_AIM = 0.97  # of its budget a latent pyramid's fit aims at: the estimate is within a few percent
+# A latent pyramid's file under this share of its budget is fitted again, aiming higher. The rate its fit is steered
+# to falls once rounding takes over (by up to a third, docs/performance.md), too late for the steering to answer.
+LATENT_RATE_FILL = 0.9
+# ... unless its fit's rate weight fell below this share of where it started: the fit had no use for more bits.
+LATENT_RATE_SATURATED = 0.02
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,10 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     grid scales start from it rather than from a random draw; the files do not need it to decode.
 
     With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the
-    budget (`latent.fit`'s target), aiming a little under; an image whose file still comes out over is fitted
-    again aiming lower, up to LATENT_RATE_TRIES fits. Records say the rate weight reached and whether it fits."""
+    budget (`latent.fit`'s target), aiming a little under; an image whose file still comes out over the budget, or
+    under LATENT_RATE_FILL of it, is fitted again aiming lower or higher by as much, up to LATENT_RATE_TRIES fits.
+    Each image keeps its best file within the budget (the highest PSNR), or its last when none is. Records say the
+    rate weight reached and whether the file fits."""
     start = time.perf_counter()
     images = images.to(devices.resolve(device))
     b, c, h, w = images.shape
@@ -155,14 +162,9 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     steps, lr = int(cfg.per_stage("max_epochs")[-1]), float(cfg.per_stage("lr")[-1])
     budget = math.floor(cfg.target_bpp * h * w / 8) if cfg.target_bpp else None
     if budget is not None:
-        weights = arch.params() - sum(gh * gw for gh, gw in arch.sizes)
-        fixed = 7 * weights // 8 + 48  # fitted weights cost about 7 bits each; the header and group table
-        if budget < fixed + 64:
-            raise ConfigError(f"target_bpp: {budget} bytes for a {w}x{h} image leave too little for its latents "
-                              f"beside the network's weights (about {fixed} bytes); raise target_bpp")
-        aims = torch.full((b,), 8.0 * (budget - fixed) * LATENT_RATE_AIM, device=images.device)
-    records, blobs = [None] * b, [None] * b
-    todo = list(range(b))
+        aims = torch.full((b,), latent_aim(arch, budget), device=images.device)
+    records, blobs, tries = [None] * b, [None] * b, [0] * b
+    todo, again = list(range(b)), []
     for _ in range(1 if budget is None else LATENT_RATE_TRIES):
         batch = images[todo]
         model = latent.fit(batch, arch, cfg.rate_weight, steps, lr, border=cfg.border, seed=cfg.seed,
@@ -173,20 +175,43 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
             check_finite(model)
         except FitDiverged as e:
             raise FitDiverged(f"{e}, or --prior none rather than prior {prior.prior_id}") if prior else e
-        for i, record, blob in zip(todo, *measure(model, batch, cfg)):
-            records[i], blobs[i] = replace(record, prior_id=None if prior is None else prior.prior_id), blob
-            if budget is not None:
-                records[i] = replace(records[i], rate=RateChoice(1.0, None, cfg.target_bpp, None, len(blob) <= budget,
-                                                             round(model.rate_weights[todo.index(i)], 6)))
-        over = [i for i in todo if budget is not None and len(blobs[i]) > budget]
-        for i in over:  # aim lower by as much as the file was over
-            aims[i] *= budget / len(blobs[i]) * LATENT_RATE_AIM
-        todo = over
+        spent = latent.latent_bits(model, list(model.grids)).tolist() if budget else None  # estimated bits, [B]
+        for j, (i, record, blob) in enumerate(zip(todo, *measure(model, batch, cfg))):
+            record = replace(record, prior_id=None if prior is None else prior.prior_id)
+            tries[i] += 1
+            if budget is None:
+                records[i], blobs[i] = record, blob
+                continue
+            within = len(blob) <= budget
+            record = replace(record, rate=RateChoice(1.0, None, cfg.target_bpp, None, within,
+                                                     round(model.rate_weights[j], 6)))
+            kept = records[i]
+            if kept is None or not kept.rate.met or (within and record.levels[-1].psnr > kept.levels[-1].psnr):
+                records[i], blobs[i] = record, blob
+            # Aim again so that the latents, which came to a share of what they aimed at, leave the rest of the
+            # file room to come to LATENT_RATE_AIM of the budget; by at most 4x either way (latents all 0 say little).
+            latents = max(spent[j] / 8, 1.0)  # bytes
+            aims[i] *= min(max((LATENT_RATE_AIM * budget - (len(blob) - latents)) / latents, 0.25), 4.0)
+            if len(blobs[i]) > budget or (len(blobs[i]) < LATENT_RATE_FILL * budget
+                                          and model.rate_weights[j] >= LATENT_RATE_SATURATED * cfg.rate_weight):
+                again.append(i)
+        todo, again = again, []
         if not todo:
             break
     seconds = time.perf_counter() - start
-    return [replace(r, fit_seconds=round(seconds / b, 3), batch=b, stages=(StageFit(arch.params(), steps, 0.0),))
-            for r in records], blobs
+    return [replace(r, fit_seconds=round(seconds / b, 3), batch=b, stages=(StageFit(arch.params(), steps * n, 0.0),))
+            for r, n in zip(records, tries)], blobs  # the steps each image got, over all its fits
+
+
+def latent_aim(arch: latent.LatentArchitecture, budget: int) -> float:
+    """The bits a latent pyramid's fit aims its latents at (`latent.fit`'s target) for a file of `budget` bytes: the
+    budget less an estimate of the rest of the file, times LATENT_RATE_AIM. ConfigError when that leaves too little."""
+    weights = arch.params() - sum(gh * gw for gh, gw in arch.sizes)
+    fixed = 7 * weights // 8 + 48  # fitted weights cost about 7 bits each; the header and group table
+    if budget < fixed + 64:
+        raise ConfigError(f"target_bpp: {budget} bytes for a {arch.width}x{arch.height} image leave too little for "
+                          f"its latents beside the network's weights (about {fixed} bytes); raise target_bpp")
+    return 8.0 * (budget - fixed) * LATENT_RATE_AIM
 
 
 def fit_from_prior(images: torch.Tensor, cfg: FitConfig, prior: Prior, device: str | torch.device | None) -> MRNet:

@@ -274,7 +274,7 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
         coarse_weight: float = 0.1, border: str = "reflect", seed: int = 0,
         progress: Callable[[int, torch.Tensor], None] | None = None,
         target_bits: torch.Tensor | None = None, start: list[torch.Tensor] | None = None,
-        shared: bool = False) -> LatentNet:
+        shared: bool = False, watch: Callable[[int, "LatentNet", torch.Tensor], None] | None = None) -> LatentNet:
     """Fit one latent pyramid per image of [B, C, H, W] in [0, 1], all at once: Adam on latents and MLP against
     every level's squared error (the finest weighing 1, each coarser `coarse_weight`) plus `lam` times the latents'
     bits per pixel. Returns the model with its latents rounded to integers. Images are independent: each has its own
@@ -288,7 +288,8 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
 
     `start` (tensors in `start_shapes` order, a prior's: `prior.Prior.latent_start`) replaces the random draw of
     the MLP, the context model and the grid scales. With `shared`, one MLP and context model serve every image and
-    are fitted to all of them together: how `learn_start` learns a start from a collection."""
+    are fitted to all of them together: how `learn_start` learns a start from a collection. `watch(step, model,
+    rate_weights)` is called after every step (bench/latent_trace.py traces fits with it)."""
     b, c, h, w = images.shape
     if (c, h, w) != (arch.channels, arch.height, arch.width):
         raise ValueError(f"images of {c}x{h}x{w} do not fit a latent architecture of "
@@ -336,6 +337,8 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
             lam = lam * torch.exp(RATE_GAIN / steps * torch.log(spent / target_bits).clamp(-0.5, 0.5))
         if progress is not None:
             progress(step, finest)
+        if watch is not None:
+            watch(step, model, lam)
     with torch.no_grad():
         for g in model.grids:
             g.copy_(torch.round(g))
