@@ -197,6 +197,9 @@ class FitConfig:
         if self.target_psnr:
             raise ConfigError("target_psnr: a latent pyramid's quality is set by rate_weight or target_bpp; a PSNR "
                               "target for model g is not built yet")
+        if self.target_bpp and not self.rate_weight:
+            raise ConfigError("rate_weight: a bpp target steers a latent pyramid's rate weight from rate_weight by "
+                              "multiplying it, so it must be above 0 (the default is 0.003)")
         if self.target != "gaussian" or self.hidden_layers < 1:
             raise ConfigError("target, hidden_layers: a latent pyramid fits gaussian levels with at least one hidden "
                               "layer")

@@ -148,10 +148,11 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     grid scales start from it rather than from a random draw; the files do not need it to decode.
 
     With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the
-    budget (`latent.fit`'s target), aiming a little under; an image whose file still comes out over the budget, or
-    under LATENT_RATE_FILL of it, is fitted again aiming lower or higher by as much, up to LATENT_RATE_TRIES fits.
-    Each image keeps its best file within the budget (the highest PSNR), or its last when none is. Records say the
-    rate weight reached and whether the file fits."""
+    budget (`latent.fit`'s target), aiming a little under. An image whose file still comes out over the budget, or
+    under LATENT_RATE_FILL of it (unless its fit had no use for more bits), is fitted again, up to LATENT_RATE_TRIES
+    fits, with its latents aimed anew: by what they came to against their aim, so that the rest of the file stays
+    where it was. Each image keeps its best file within the budget (the highest PSNR), or its last when none is.
+    Records say the rate weight reached, whether the file fits, and the steps of every fit (`epochs`)."""
     start = time.perf_counter()
     images = images.to(devices.resolve(device))
     b, c, h, w = images.shape
@@ -194,7 +195,7 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
             aims[i] *= min(max((LATENT_RATE_AIM * budget - (len(blob) - latents)) / latents, 0.25), 4.0)
             if len(blobs[i]) > budget or (len(blobs[i]) < LATENT_RATE_FILL * budget
                                           and model.rate_weights[j] >= LATENT_RATE_SATURATED * cfg.rate_weight):
-                again.append(i)
+                again.append(i)  # the file it keeps is over, or far under with room to grow
         todo, again = again, []
         if not todo:
             break

@@ -305,6 +305,8 @@ def test_a_bpp_target_steers_each_file_to_its_budget():
         encode(images, make_config("default", {"levels": 4, "target_bpp": 0.2}, model="g"), device="cpu")
     with pytest.raises(ConfigError, match="target_psnr: a latent pyramid"):
         make_config("default", {"target_psnr": 30}, model="g")
+    with pytest.raises(ConfigError, match="rate_weight: a bpp target steers"):  # 0 times anything stays 0
+        make_config("default", {"target_bpp": 1.0, "rate_weight": 0}, model="g")
 
 
 def test_the_cheapest_symbols_a_coder_writes_are_read_back():
