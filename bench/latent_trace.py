@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if min(args.steps, args.every, args.size, args.threads) < 1:
+        parser.error("--steps, --every, --size and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     images = torch.stack([square(p, args.size) for p in args.photos])
     b, c, h, w = images.shape
