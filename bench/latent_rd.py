@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mrnet_core.config import make_config  # noqa: E402
-from mrnet_core.encode import choose_prior, encode  # noqa: E402
+from mrnet_core.encode import choose_prior, encode, refit_steps  # noqa: E402
 from mrnet_core.images import read_image  # noqa: E402
 from mrnet_core.modelfile import from_bytes  # noqa: E402
 from mrnet_core.render import render  # noqa: E402
@@ -40,6 +40,11 @@ def square(path, size):
 def name_of(path):
     path = Path(path)
     return path.parents[2].name if "wallpapers" in str(path) else path.name
+
+
+def fits(epochs, steps):
+    """How many fits `epochs` steps were: a first of `steps`, then warm restarts (`encode.refit_steps`)."""
+    return 1 + (epochs - steps) // refit_steps(steps)
 
 
 def main():
@@ -86,7 +91,7 @@ def main():
             show = " | ".join("-" if codecs[c] is None else f"{codecs[c]:.2f}" for c in CODECS)
             rate = f"{value:g} bpp" if args.bpps else f"lambda {value:g}"
             print(f"| {name} | {rate} | {r.bpp:.3f} | {' / '.join(f'{lv.psnr:.2f}' for lv in r.levels)} | {show} | "
-                  f"{r.stages[0].epochs // args.steps} | {seconds:.0f} | {decode:.2f} | {draw:.3f} |", flush=True)
+                  f"{fits(r.stages[0].epochs, args.steps)} | {seconds:.0f} | {decode:.2f} | {draw:.3f} |", flush=True)
     print("\n| photo | BD-rate vs JPEG | vs WebP | vs AVIF |\n|---|---|---|---|")
     for name, image in zip(names, images):
         mine = sorted((r["bpp"], r["psnr"]) for r in results if r["photo"] == name)

@@ -31,7 +31,8 @@ from .images import DEFAULT_MAX_PIXELS
 from .pyramid import gaussian_pyramid, level_sizes, pixel_grid
 
 NOISE_SHARE = 0.8  # of the steps trained through uniform noise; the rest through straight-through rounding
-# A rate target steers the rate weight (`fit`) from this share of the steps on, by up to e^(RATE_GAIN / 2) over a fit.
+# A rate target steers the rate weight (`fit`) from this share of the steps on (from the first in a warm restart), by
+# up to e^(RATE_GAIN / 2) over a fit.
 RATE_WARMUP = 0.2
 RATE_GAIN = 20.0
 # Latents per image, at most: a 12.5 Mpx image's pyramid (about 4/3 of its pixels). It bounds what a model file can
@@ -138,6 +139,16 @@ class LatentNet(nn.Module):
             draw = (torch.rand(1, fan_in, fan_out, generator=generator) * 2 - 1) * bound
             self.context_weights.append(nn.Parameter(draw.repeat(batch, 1, 1)))
             self.context_biases.append(nn.Parameter(torch.zeros(batch, fan_out)))
+
+    def select(self, indices: list[int]) -> "LatentNet":
+        """The images `indices` of this model, as a model of their own on the same device (parameters copied)."""
+        out = LatentNet(self.arch, batch=len(indices)).to(self.grids[0].device)
+        with torch.no_grad():
+            for mine, theirs in zip(out.parameters(), self.parameters(), strict=True):
+                mine.copy_(theirs[indices])
+        for name in ("exponents", "context_exponents", "rate_weights"):
+            setattr(out, name, [getattr(self, name)[i] for i in indices])
+        return out.requires_grad_(self.grids[0].requires_grad)
 
     def forward(self, coords: torch.Tensor, t: float | None = None,
                 latents: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -270,11 +281,12 @@ def latent_bits(model: LatentNet, latents: list[torch.Tensor]) -> torch.Tensor:
     return laplace_bits(symbols, log2_scale).sum(1)
 
 
-def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int = 3000, lr: float = 1e-2,
+def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tensor, steps: int = 3000, lr: float = 1e-2,
         coarse_weight: float = 0.1, border: str = "reflect", seed: int = 0,
         progress: Callable[[int, torch.Tensor], None] | None = None,
         target_bits: torch.Tensor | None = None, start: list[torch.Tensor] | None = None,
-        shared: bool = False, watch: Callable[[int, "LatentNet", torch.Tensor], None] | None = None) -> LatentNet:
+        shared: bool = False, watch: Callable[[int, "LatentNet", torch.Tensor], None] | None = None,
+        resume: LatentNet | None = None, horizon: int | None = None) -> LatentNet:
     """Fit one latent pyramid per image of [B, C, H, W] in [0, 1], all at once: Adam on latents and MLP against
     every level's squared error (the finest weighing 1, each coarser `coarse_weight`) plus `lam` times the latents'
     bits per pixel. Returns the model with its latents rounded to integers. Images are independent: each has its own
@@ -284,7 +296,13 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
 
     With `target_bits` [B], each image's rate weight starts at `lam` and is steered, step by step, towards the one
     whose latents cost that many bits (dual ascent on the rate constraint: up while they cost more, down while
-    less); `model.rate_weights` holds where each ended.
+    less); `model.rate_weights` holds where each ended. A rate weight moves by up to e^(RATE_GAIN / 2) over
+    `horizon` steps (default `steps`). `lam` is one rate weight or one per image [B].
+
+    `resume` (a fitted model of these images, `LatentNet.select` picks them; quantised or not) is a warm restart:
+    every parameter starts where that model's are and the schedule (noise, then rounding, under a cosine learning
+    rate not cut at the switch) runs again over `steps`; a target steers from the first step, as the latents have
+    grown already. It replaces `start`.
 
     `start` (tensors in `start_shapes` order, a prior's: `prior.Prior.latent_start`) replaces the random draw of
     the MLP, the context model and the grid scales. With `shared`, one MLP and context model serve every image and
@@ -294,6 +312,9 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
     if (c, h, w) != (arch.channels, arch.height, arch.width):
         raise ValueError(f"images of {c}x{h}x{w} do not fit a latent architecture of "
                          f"{arch.channels}x{arch.height}x{arch.width}")
+    if resume is not None and (resume.arch != arch or resume.batch != b or shared):
+        raise ValueError(f"a warm restart needs a fitted model of these {b} images' architecture, not shared; got "
+                         f"{resume.batch} of {resume.arch.to_json()}")
     torch.manual_seed(seed)
     model = LatentNet(arch, batch=b, seed=seed)
     if shared:  # the MLP and context model of image 0, for all
@@ -304,6 +325,10 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
         with torch.no_grad():
             for t, s in zip(_start_tensors(model), start, strict=True):
                 t.copy_(s.expand_as(t))
+    if resume is not None:
+        with torch.no_grad():
+            for t, s in zip(model.parameters(), resume.parameters(), strict=True):
+                t.copy_(s)
     model = model.to(images.device)
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
     levels = [(g.shape[-2:], g.flatten(2), k) for k, g in enumerate(targets)]  # target [B, C, P]
@@ -312,8 +337,11 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
     lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device).expand(b).clone()
     for step in range(steps):
         noisy = step < NOISE_SHARE * steps
-        for group in optimizer.param_groups:  # cosine decay, a tenth of it once rounding takes over
-            group["lr"] = lr * (1.0 if noisy else 0.1) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        # Cosine decay, a tenth of it once rounding takes over; not in a warm restart, whose rounding steps are
+        # few and must still move the latents where its rate target steers them.
+        cut = 1.0 if noisy or resume is not None else 0.1
+        for group in optimizer.param_groups:
+            group["lr"] = lr * cut * 0.5 * (1 + math.cos(math.pi * step / steps))
         if noisy:  # the same noise for every image, so that an image is fitted the same in any batch
             latents = [g + torch.rand_like(g[:1]) - 0.5 for g in model.grids]
         else:  # rounded on the way forward, the identity on the way back
@@ -331,10 +359,12 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float, steps: int =
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if target_bits is not None and step >= RATE_WARMUP * steps:  # not while the latents are still growing
-            with torch.no_grad():  # steered by what the rounded latents cost: noise makes them look dearer
+        # A target steers once the latents have grown (from the first step of a warm restart), by what the rounded
+        # latents cost: noise makes them look dearer.
+        if target_bits is not None and (resume is not None or step >= RATE_WARMUP * steps):
+            with torch.no_grad():
                 spent = latent_bits(model, [torch.round(g) for g in model.grids]) if noisy else bits.detach()
-            lam = lam * torch.exp(RATE_GAIN / steps * torch.log(spent / target_bits).clamp(-0.5, 0.5))
+            lam = lam * torch.exp(RATE_GAIN / (horizon or steps) * torch.log(spent / target_bits).clamp(-0.5, 0.5))
         if progress is not None:
             progress(step, finest)
         if watch is not None:

@@ -32,7 +32,8 @@ from pipeline.thumbnails import render_levels
 class FitProgress:
     """`mrnet fit`'s progress line: epochs of every stage against their most (a stage may stop sooner, so the ETA is
     an upper bound), and the last stage loss as a PSNR. A rate target fits several sizes: each starts the count
-    again. A latent pyramid (model g) fits in one stage of the finest max_epochs steps."""
+    again. A latent pyramid (model g) fits in one stage of the finest max_epochs steps; its refits (rate control)
+    start the count again and end at a quarter of it."""
 
     def __init__(self, label, cfg):
         self.max_epochs = [int(e) for e in cfg.per_stage("max_epochs")]

@@ -282,9 +282,26 @@ def test_values_that_could_overflow_and_pyramids_over_the_latent_limit_are_refus
         modelfile.from_bytes(forged)
 
 
+def test_a_warm_restart_starts_where_its_fit_ended(fitted):
+    model, images = fitted
+    second = model.select([1])
+    assert all(torch.equal(p[1], q[0]) for p, q in zip(model.parameters(), second.parameters(), strict=True))
+    assert second.rate_weights == [model.rate_weights[1]]
+    unchanged = latent.fit(images[1:], ARCH, 0.002, steps=0, resume=second)
+    assert all(torch.equal(p, q) for p, q in zip(second.parameters(), unchanged.parameters(), strict=True))
+
+    def error(m):
+        return (m.on_pixels(SIZE, SIZE) - images[1:].flatten(2).transpose(1, 2)).square().mean()
+
+    # 40 more steps from where the 400 ended fit better than 40 from a random draw, and no worse than the 400
+    resumed = latent.fit(images[1:], ARCH, 0.002, steps=40, resume=second)
+    assert error(resumed) < error(latent.fit(images[1:], ARCH, 0.002, steps=40))
+    assert error(resumed) < 1.1 * error(second)
+
+
 def test_a_bpp_target_steers_each_file_to_its_budget():
     from mrnet_core.config import ConfigError, make_config
-    from mrnet_core.encode import LATENT_RATE_FILL, encode
+    from mrnet_core.encode import LATENT_RATE_FILL, LATENT_RATE_TRIES, encode, refit_steps
     # At 1.25 bpp the first fits of both come out under 90% of the budget (84% and 81%): they are fitted again.
     images = torch.stack([sample("astronaut.png", 96)[:, :64, :64], sample("coffee.png", 96)[:, :64, :64]])
     results = {}
@@ -299,7 +316,8 @@ def test_a_bpp_target_steers_each_file_to_its_budget():
         assert len(small[i]) >= LATENT_RATE_FILL * 1.25 * 64 * 64 / 8  # steered up to the budget, not far under it
         assert low[i].rate.rate_weight > high[i].rate.rate_weight and len(small[i]) < len(large[i])
         assert low[i].levels[-1].psnr < high[i].levels[-1].psnr
-        assert low[i].stages[0].epochs > 400  # fitted again for coming out under 90%
+        refits = (low[i].stages[0].epochs - 400) / refit_steps(400)  # fitted again for coming out under 90%
+        assert refits == int(refits) and 1 <= refits < LATENT_RATE_TRIES, low[i].stages[0].epochs  # warm restarts
         assert high[i].stages[0].epochs == 400  # not: its fit had no use for more bits (its rate weight fell to ~0)
     with pytest.raises(ConfigError, match="target_bpp: 102 bytes for a 64x64 image leave too little"):
         encode(images, make_config("default", {"levels": 4, "target_bpp": 0.2}, model="g"), device="cpu")
