@@ -151,8 +151,9 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     grid scales start from it rather than from a random draw; the files do not need it to decode.
 
     With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the
-    budget (`latent.fit`'s target), aiming a little under. An image whose file still comes out over the budget, or
-    under LATENT_RATE_FILL of it (unless its fit had no use for more bits), is fitted again, up to LATENT_RATE_TRIES
+    budget (`latent.fit`'s target), aiming a little under. Every image is fitted again at least once (a restart
+    gains 1.4-1.6 dB at about the same bytes, docs/performance.md), and again while its file comes out over the
+    budget or under LATENT_RATE_FILL of it (unless its fit had no use for more bits), up to LATENT_RATE_TRIES
     fits, with its latents aimed anew: by what they came to against their aim, so that the rest of the file stays
     where it was. A refit is a warm restart of the last fit (from its stored, quantised weights and the rate weight
     it ended at), `refit_steps` long. Each image keeps its best file within the budget (the highest PSNR), or its
@@ -204,9 +205,10 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
             # file room to come to LATENT_RATE_AIM of the budget; by at most 4x either way (latents all 0 say little).
             latents = max(spent[j] / 8, 1.0)  # bytes
             aims[i] *= min(max((LATENT_RATE_AIM * budget - (len(blob) - latents)) / latents, 0.25), 4.0)
-            if len(blobs[i]) > budget or (len(blobs[i]) < LATENT_RATE_FILL * budget
-                                          and model.rate_weights[j] >= LATENT_RATE_SATURATED * cfg.rate_weight):
-                again.append(i)  # the file it keeps is over, or far under with room to grow
+            if (last is None or len(blobs[i]) > budget
+                    or (len(blobs[i]) < LATENT_RATE_FILL * budget
+                        and model.rate_weights[j] >= LATENT_RATE_SATURATED * cfg.rate_weight)):
+                again.append(i)  # every first fit, or the file it keeps is over, or far under with room to grow
         if not again:
             break
         last = model.select([todo.index(i) for i in again])

@@ -316,9 +316,10 @@ def test_a_bpp_target_steers_each_file_to_its_budget():
         assert len(small[i]) >= LATENT_RATE_FILL * 1.25 * 64 * 64 / 8  # steered up to the budget, not far under it
         assert low[i].rate.rate_weight > high[i].rate.rate_weight and len(small[i]) < len(large[i])
         assert low[i].levels[-1].psnr < high[i].levels[-1].psnr
-        refits = (low[i].stages[0].epochs - 400) / refit_steps(400)  # fitted again for coming out under 90%
+        refits = (low[i].stages[0].epochs - 400) / refit_steps(400)  # every image is fitted again, once or more
         assert refits == int(refits) and 1 <= refits < LATENT_RATE_TRIES, low[i].stages[0].epochs  # warm restarts
-        assert high[i].stages[0].epochs == 400  # not: its fit had no use for more bits (its rate weight fell to ~0)
+        # once only: under 90% of the budget, but its fit had no use for more bits (its rate weight fell to ~0)
+        assert high[i].stages[0].epochs == 400 + refit_steps(400)
     with pytest.raises(ConfigError, match="target_bpp: 102 bytes for a 64x64 image leave too little"):
         encode(images, make_config("default", {"levels": 4, "target_bpp": 0.2}, model="g"), device="cpu")
     with pytest.raises(ConfigError, match="target_psnr: a latent pyramid"):
