@@ -1,6 +1,7 @@
 """`mrnet encode` on a two-node Ray cluster, and a driver SIGKILLed mid-job then rerun."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,31 @@ def test_two_node_cluster_fits_on_the_worker_node(samples, tmp_path):
     assert {r["device"] for r in got} == {f"cpu (node {worker.node_id[:12]})"}
 
 
+def kill_mid_job(command, out, log):
+    """Start the job, SIGKILL it and its Ray once its first part is committed; how many images were committed (4
+    when the job ended before the kill)."""
+    with open(log, "wb") as err:
+        driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 180
+    while not parts(out) and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # the driver has ended already
+        ray_processes = []
+    # The driver and its Ray die together, as when the machine goes down. Killing the driver alone left its actor
+    # alive until Ray noticed, and on a fast machine it once committed the last three images meanwhile.
+    driver.send_signal(signal.SIGKILL)
+    for p in ray_processes:  # started by this test, by id
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    driver.wait()
+    psutil.wait_procs(ray_processes, timeout=10)
+    return len(rows(out)) if (out / "encodings").exists() else 0
+
+
 def test_driver_killed_mid_job_then_rerun_loses_and_duplicates_nothing(tmp_path):
     images = synthetic(tmp_path / "images", 4, size=16)
     out = tmp_path / "out"
@@ -46,23 +72,16 @@ def test_driver_killed_mid_job_then_rerun_loses_and_duplicates_nothing(tmp_path)
     command = [sys.executable, "-m", "pipeline.cli", "encode", str(images), "--out", str(out), "--config", str(config),
                "--no-render", "--ray-address", "local"]  # a Ray of its own, whatever else runs on this machine
 
-    driver = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not parts(out) and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    ray_processes = psutil.Process(driver.pid).children(recursive=True)
-    # The driver and its Ray die together, as when the machine goes down. Killing the driver alone left its actor
-    # alive until Ray noticed, and on a fast machine it once committed the last three images meanwhile.
-    driver.send_signal(signal.SIGKILL)
-    for p in ray_processes:  # started by this test, by id
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    driver.wait()
-    psutil.wait_procs(ray_processes, timeout=10)
-    committed = len(rows(out))
-    assert 0 < committed < 4, "the driver was not killed mid-job"
+    # Killing mid-job is a race this test sets up, not what it checks: a try where the driver ended, or all four
+    # were committed, before the kill is tried again from scratch (under a loaded CI machine both happened once).
+    for attempt in range(3):
+        shutil.rmtree(out, ignore_errors=True)
+        committed = kill_mid_job(command, out, tmp_path / f"driver-{attempt}.log")
+        if 0 < committed < 4:
+            break
+    else:
+        raise AssertionError(f"the driver was not killed mid-job in 3 tries (last: {committed} committed); its log: "
+                             + (tmp_path / "driver-2.log").read_text()[-2000:])
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
