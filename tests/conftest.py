@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -18,6 +19,16 @@ os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 @pytest.fixture(scope="session")
 def samples():
     return SAMPLES
+
+
+def kill_together(processes):
+    """SIGKILL `processes` (started by the test, by pid) all at once, then wait up to 10 s for them to go."""
+    for p in processes:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(processes, timeout=10)
 
 
 def sample(name, size):

@@ -17,6 +17,7 @@ import pytest
 
 from pipeline import store
 from test_pipeline import synthetic
+from conftest import kill_together
 
 try:
     import ray.dashboard.optional_deps  # noqa: F401  # the dashboard's job server: ray[default]
@@ -51,14 +52,8 @@ def session(sid):
 
 def stop(head):
     """End `ray start --block` and every process it started (GCS, raylet, dashboard, workers), by pid."""
-    processes = session(head.pid)
-    for p in processes:  # SIGKILL, all at once: a SIGTERMed `ray start` drains the node for up to 30 s first
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_together(session(head.pid))  # SIGKILL, all at once: a SIGTERMed `ray start` drains the node for up to 30 s
     head.wait()
-    psutil.wait_procs(processes, timeout=10)
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from mrnet_core.config import make_config
 from pipeline import store
 from pipeline.encode import run
 from test_pipeline import parts, rows, synthetic
+from conftest import kill_together
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,13 +51,8 @@ def kill_mid_job(command, out, log):
     # The driver and its Ray die together, as when the machine goes down. Killing the driver alone left its actor
     # alive until Ray noticed, and on a fast machine it once committed the last three images meanwhile.
     driver.send_signal(signal.SIGKILL)
-    for p in ray_processes:  # started by this test, by id
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_together(ray_processes)
     driver.wait()
-    psutil.wait_procs(ray_processes, timeout=10)
     return len(rows(out)) if (out / "encodings").exists() else 0
 
 
