@@ -23,7 +23,7 @@ from .rate import RateChoice, encode_at_rate, prior_rungs, within_budget
 from .render import render
 
 
-LATENT_RATE_TRIES = 4  # fits of a latent pyramid whose file comes out over its bpp target, or far under it
+LATENT_RATE_TRIES = 4  # fits of a latent pyramid at most: one, then restarts (`fit_again`)
 # A latent pyramid fitted again is a warm restart of its last fit (`latent.fit`'s resume) this share of its steps
 # long: better than fitting it anew, in a quarter of the time (docs/performance.md, "warm restarts").
 LATENT_REFIT_SHARE = 0.25
@@ -150,15 +150,15 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     With a `prior` holding a start for this architecture (`prior.Prior.latent_start`) the MLP, context model and
     grid scales start from it rather than from a random draw; the files do not need it to decode.
 
-    With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the
-    budget (`latent.fit`'s target), aiming a little under. Every image is fitted again at least once (a restart
-    gains 1.4-1.6 dB at about the same bytes, docs/performance.md), and again while its file comes out over the
-    budget or under LATENT_RATE_FILL of it (unless its fit had no use for more bits), up to LATENT_RATE_TRIES
-    fits, with its latents aimed anew: by what they came to against their aim, so that the rest of the file stays
-    where it was. A refit is a warm restart of the last fit (from its stored, quantised weights and the rate weight
-    it ended at), `refit_steps` long. Each image keeps its best file within the budget (the highest PSNR), or its
-    last when none is. Records say the rate weight reached, whether the file fits, and the steps of every fit
-    (`epochs`)."""
+    With cfg.target_bpp each image's rate weight is steered while it is fitted so that its file comes to the budget
+    (`latent.fit`'s target), aiming a little under. Every image is fitted again at least once (a restart gains
+    1.4-1.6 dB at about the same bytes, docs/performance.md), and again while a fit's file comes out over the budget
+    or the file it keeps is under LATENT_RATE_FILL of it (`fit_again`), up to LATENT_RATE_TRIES fits, with its
+    latents aimed anew: by what they came to against their aim, so that the rest of the file stays where it was. A
+    refit is a warm restart of the last fit (from its stored, quantised weights; its rate weight from
+    `restart_rate_weights`), `refit_steps` long. Each image keeps its best file within the budget (the highest
+    PSNR), or its last when none is. Records say the rate weight reached, whether the file fits, and the steps of
+    every fit (`epochs`)."""
     start = time.perf_counter()
     images = images.to(devices.resolve(device))
     b, c, h, w = images.shape
@@ -172,13 +172,12 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
         aims = torch.full((b,), latent_aim(arch, budget), device=images.device)
     records, blobs, fitted = [None] * b, [None] * b, [0] * b
     todo, again, last = list(range(b)), [], None  # last: the fits that refits restart from
+    floors = torch.zeros(b)  # per image: its next restart's least rate weight (`restart_rate_weights`)
     for _ in range(1 if budget is None else LATENT_RATE_TRIES):
         batch = images[todo]
         length = steps if last is None else refit_steps(steps)
-        # A refit starts from the rate weight its last fit ended at, or from the saturation test's line when that is
-        # lower: a file over its budget should not have to climb back from near 0 in a quarter of the steps.
-        lam = cfg.rate_weight if last is None else torch.tensor(last.rate_weights).clamp_min(
-            LATENT_RATE_SATURATED * cfg.rate_weight)
+        lam = (cfg.rate_weight if last is None
+               else restart_rate_weights(last.rate_weights, floors[todo], cfg.rate_weight))
         model = latent.fit(batch, arch, lam, length, lr, border=cfg.border, seed=cfg.seed,
                            progress=None if progress is None else lambda step, loss: progress(0, step, loss),
                            target_bits=None if budget is None else aims[todo], start=initial if last is None else None,
@@ -196,6 +195,8 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
                 records[i], blobs[i] = record, blob
                 continue
             within = len(blob) <= budget
+            psnr = record.levels[-1].psnr
+            floors[i] = balanced_rate_weight(psnr, cfg.target_bpp) if not within and math.isfinite(psnr) else 0.0
             record = replace(record, rate=RateChoice(1.0, None, cfg.target_bpp, None, within,
                                                      round(model.rate_weights[j], 6)))
             kept = records[i]
@@ -205,10 +206,9 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
             # file room to come to LATENT_RATE_AIM of the budget; by at most 4x either way (latents all 0 say little).
             latents = max(spent[j] / 8, 1.0)  # bytes
             aims[i] *= min(max((LATENT_RATE_AIM * budget - (len(blob) - latents)) / latents, 0.25), 4.0)
-            if (last is None or len(blobs[i]) > budget
-                    or (len(blobs[i]) < LATENT_RATE_FILL * budget
-                        and model.rate_weights[j] >= LATENT_RATE_SATURATED * cfg.rate_weight)):
-                again.append(i)  # every first fit, or the file it keeps is over, or far under with room to grow
+            if fit_again(first=last is None, fit_bytes=len(blob), kept_bytes=len(blobs[i]), budget=budget,
+                         rate_weight=model.rate_weights[j], start_weight=cfg.rate_weight):
+                again.append(i)  # restarted from this fit, aimed as above
         if not again:
             break
         last = model.select([todo.index(i) for i in again])
@@ -216,6 +216,34 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
     seconds = time.perf_counter() - start
     return [replace(r, fit_seconds=round(seconds / b, 3), batch=b, stages=(StageFit(arch.params(), n, 0.0),))
             for r, n in zip(records, fitted)], blobs  # the steps each image got, over all its fits
+
+
+def fit_again(first: bool, fit_bytes: int, kept_bytes: int, budget: int, rate_weight: float,
+              start_weight: float) -> bool:
+    """Whether a latent pyramid is fitted again (a warm restart of this fit) after a fit whose file has `fit_bytes`,
+    when the file it keeps has `kept_bytes` (its best within the budget so far, or its last when none is within).
+    Always after its first fit. After a restart: when this fit's file is over the budget, even while an earlier file
+    within it is kept (at 1 bpp restarts overshoot, and the next ones keep most of their gain: docs/performance.md,
+    "a restart over its budget"); or when the kept file is under LATENT_RATE_FILL of the budget and the fit had use
+    for more bits (its rate weight ended at LATENT_RATE_SATURATED of `start_weight`, cfg.rate_weight, or above)."""
+    hungry = kept_bytes < LATENT_RATE_FILL * budget and rate_weight >= LATENT_RATE_SATURATED * start_weight
+    return first or fit_bytes > budget or hungry
+
+
+def restart_rate_weights(ended: list[float], floors: torch.Tensor, rate_weight: float) -> torch.Tensor:
+    """The rate weights warm restarts start from: where their last fits ended, but not under the saturation test's
+    line (a file over its budget should not have to climb back from near 0 in a quarter of the steps), nor under
+    `floors`: after a fit over the budget, its `balanced_rate_weight` (steered up from far below it, restarts at 1
+    bpp came out over again and again: docs/performance.md, "a restart over its budget"); else 0."""
+    return torch.tensor(ended).clamp_min(LATENT_RATE_SATURATED * rate_weight).maximum(floors)
+
+
+def balanced_rate_weight(psnr: float, bpp: float) -> float:
+    """The rate weight at which one more bit per pixel saves as much squared error (of [0, 1] values, as `latent.fit`
+    weighs it) as it costs, for an image fitted to `psnr` dB at `bpp` whose rate-distortion curve gains 3 dB per
+    doubling of the rate (as `g`'s do from 0.5 to 1 bpp, docs/performance.md): there the squared error e falls as
+    1 / bpp, so -de/dbpp = e / bpp."""
+    return 10 ** (-psnr / 10) / bpp
 
 
 def refit_steps(steps: int) -> int:

@@ -1,4 +1,5 @@
 """Latent pyramids ("g"): fitting, level of detail, periodic grids, and exact, bounded, checksummed files."""
+import math
 import struct
 
 import numpy as np
@@ -297,6 +298,44 @@ def test_a_warm_restart_starts_where_its_fit_ended(fitted):
     resumed = latent.fit(images[1:], ARCH, 0.002, steps=40, resume=second)
     assert error(resumed) < error(latent.fit(images[1:], ARCH, 0.002, steps=40))
     assert error(resumed) < 1.1 * error(second)
+
+
+def test_a_restart_is_fitted_again_while_its_file_is_over_the_budget():
+    from mrnet_core.encode import LATENT_RATE_FILL, LATENT_RATE_SATURATED, fit_again
+    budget, weight = 1000, 0.003
+    filled, under = budget - 10, int(LATENT_RATE_FILL * budget) - 1
+    assert fit_again(True, filled, filled, budget, weight, weight)  # every first fit gets a restart
+    assert not fit_again(False, filled, filled, budget, weight, weight)  # a restart that landed is the last
+    # a restart over the budget is fitted again, aimed lower, though an earlier file within it is kept meanwhile
+    assert fit_again(False, budget + 1, filled, budget, weight, weight)
+    assert fit_again(False, budget + 1, budget + 1, budget, weight, weight)  # none within yet
+    assert fit_again(False, under, under, budget, weight, weight)  # far under, with use for more bits
+    saturated = LATENT_RATE_SATURATED * weight / 2  # its rate weight fell to ~0: more bits would not help it
+    assert not fit_again(False, under, under, budget, saturated, weight)
+    assert fit_again(False, budget + 1, under, budget, saturated, weight)  # over is over
+    assert not fit_again(False, budget, filled, budget, weight, weight)  # exactly the budget is within it
+    assert not fit_again(False, under, filled, budget, weight, weight)  # the kept file, not this one, is filled
+
+
+def test_the_balanced_rate_weight_is_the_slope_of_a_curve_of_3_db_per_doubling():
+    from mrnet_core.encode import balanced_rate_weight
+
+    def error(bpp):  # 30 dB at 0.5 bpp, and 3.01 dB (half the squared error) more per doubling
+        return 10 ** (-30 / 10) * (0.5 / bpp)
+
+    assert 10 * math.log10(error(0.5) / error(1.0)) == pytest.approx(3.01, abs=0.01)
+    slope = (error(0.5 - 1e-5) - error(0.5 + 1e-5)) / 2e-5  # squared error saved per bit per pixel
+    assert balanced_rate_weight(30.0, 0.5) == pytest.approx(slope, rel=1e-4)
+    assert balanced_rate_weight(36.0, 1.0) < balanced_rate_weight(30.0, 1.0) < balanced_rate_weight(30.0, 0.5)
+
+
+def test_a_restart_starts_its_rate_weight_where_its_fit_ended_but_not_too_low():
+    from mrnet_core.encode import LATENT_RATE_SATURATED, restart_rate_weights
+    line = LATENT_RATE_SATURATED * 0.003
+    ended, floors = [1e-3, 1e-7, 1e-4, 1e-7], torch.tensor([0.0, 0.0, 5e-4, 5e-4])
+    # where it ended; the saturation line; a floor after a fit over the budget; both
+    expected = torch.tensor([1e-3, line, 5e-4, 5e-4])
+    assert torch.allclose(restart_rate_weights(ended, floors, 0.003), expected)
 
 
 def test_a_bpp_target_steers_each_file_to_its_budget():
