@@ -195,12 +195,12 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
                 records[i], blobs[i] = record, blob
                 continue
             within = len(blob) <= budget
-            psnr = record.levels[-1].psnr
-            floors[i] = balanced_rate_weight(psnr, cfg.target_bpp) if not within and math.isfinite(psnr) else 0.0
+            quality = record.levels[-1].psnr  # dB at full resolution
+            floors[i] = balanced_rate_weight(quality, cfg.target_bpp) if not within and math.isfinite(quality) else 0.0
             record = replace(record, rate=RateChoice(1.0, None, cfg.target_bpp, None, within,
                                                      round(model.rate_weights[j], 6)))
             kept = records[i]
-            if kept is None or not kept.rate.met or (within and record.levels[-1].psnr > kept.levels[-1].psnr):
+            if kept is None or not kept.rate.met or (within and quality > kept.levels[-1].psnr):
                 records[i], blobs[i] = record, blob
             # Aim again so that the latents, which came to a share of what they aimed at, leave the rest of the
             # file room to come to LATENT_RATE_AIM of the budget; by at most 4x either way (latents all 0 say little).
