@@ -270,6 +270,12 @@ PRESETS = {
 }
 
 
+# What the presets above mean for a latent pyramid, whose widths, steps and learning rate are its own: `fast` is a
+# short fit (a tenth of the steps); `compact` is `default` (its files are rate-controlled and entropy-coded already);
+# `texture` is as for any model.
+_LATENT_PRESETS = {"fast": {"max_epochs": (300,)}, "compact": {}}
+
+
 def load_file(path: Path | str) -> tuple[dict, dict]:
     """(fit keys, other tables) from a TOML or JSON config file.
 
@@ -306,5 +312,6 @@ def make_config(preset: str = "default", overrides: dict | None = None, model: s
     for key in overrides:
         if key not in known:
             raise ConfigError(f"{key}: unknown config key; known keys: {', '.join(known)}")
-    merged = {**_MODEL_DEFAULTS[model], **PRESETS[preset], **overrides, "model": model}
+    preset_keys = _LATENT_PRESETS.get(preset, PRESETS[preset]) if model == "g" else PRESETS[preset]
+    merged = {**_MODEL_DEFAULTS[model], **preset_keys, **overrides, "model": model}
     return replace(FitConfig(), **merged).validate()

@@ -33,6 +33,10 @@ LATENT_RATE_AIM = 0.97  # of its budget a latent pyramid's fit aims at: the esti
 LATENT_RATE_FILL = 0.9
 # ... unless its fit's rate weight fell below this share of where it started: the fit had no use for more bits.
 LATENT_RATE_SATURATED = 0.02
+# On a CPU a latent pyramid's batch runs fastest per image up to about this many pixels (six 256 px images): beyond,
+# its activations fall out of cache and each image-step costs up to 1.7 times as much (bench/latent_step.py,
+# docs/performance.md). Larger batches are split (`encode_in_batches`); a GPU takes what fits its memory.
+LATENT_CPU_BATCH_PIXELS = 6 * 256 * 256
 
 
 @dataclass(frozen=True)
@@ -379,7 +383,8 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
     """Encode images [B, C, H, W] in batches that fit the device: per image, (record, model file) or a `Failure`.
 
     Batches are sized by the memory model (`memory.max_batch`) against `memory_bytes` (default: what the device
-    offers now). A batch that still runs out of memory is split in halves, down to single images; one that fails
+    offers now), latent pyramids on a CPU to at most LATENT_CPU_BATCH_PIXELS, and split as evenly as that allows. A
+    batch that still runs out of memory is split in halves, down to single images; one that fails
     otherwise is retried image by image, so one bad image fails alone. Device faults other than out of memory
     propagate: the device is unusable, and the caller must end the process. `encode_fn` is `encode`'s signature.
     """
@@ -394,8 +399,11 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
         failure = Failure("too_large", f"a {w}x{h} image needs about {need / 2**30:.2f} GiB to encode with this "
                                        f"config; the device offers {memory_bytes / 2**30:.2f} GiB")
         return [failure] * b
+    if cfg.model == "g" and devices.resolve(device).type == "cpu":
+        limit = min(limit, max(1, LATENT_CPU_BATCH_PIXELS // (h * w)))
     results = [None] * b
-    pending = [list(range(i, min(i + limit, b))) for i in range(0, b, limit)]
+    # As even as the limit allows: a batch of 7 at a limit of 6 runs as 4 and 3, not 6 and a slow 1.
+    pending = [index.tolist() for index in torch.arange(b).tensor_split(-(-b // limit))]
     while pending:
         index = pending.pop(0)
         try:

@@ -75,7 +75,17 @@ def test_batches_are_sized_by_the_memory_model():
     fn = Injected(lambda b: None)
     memory = encode_memory_bytes(CFG, 3, 16, 16, batch=3)
     results = encode_in_batches(images(7), CFG, "cpu", memory, encode_fn=fn)
-    assert fn.batches == [3, 3, 1] and all(isinstance(r, tuple) for r in results)
+    assert fn.batches == [3, 2, 2] and all(isinstance(r, tuple) for r in results)  # as even as the limit allows
+
+
+def test_latent_pyramids_on_a_cpu_run_in_batches_that_stay_in_cache():
+    fn = Injected(lambda b: None)
+    cfg = make_config("default", {"levels": 2, "max_epochs": [2]}, model="g")
+    results = encode_in_batches(images(7, size=256), cfg, "cpu", PLENTY, encode_fn=fn)
+    assert fn.batches == [4, 3] and all(isinstance(r, tuple) for r in results)  # six 256 px images at most
+    fn.batches.clear()
+    encode_in_batches(images(7, size=64), cfg, "cpu", PLENTY, encode_fn=fn)
+    assert fn.batches == [7]
 
 
 def test_an_image_larger_than_the_device_fails_without_an_attempt():

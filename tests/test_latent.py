@@ -367,6 +367,23 @@ def test_a_bpp_target_steers_each_file_to_its_budget():
         make_config("default", {"target_bpp": 1.0, "rate_weight": 0}, model="g")
 
 
+def test_every_preset_means_something_for_a_latent_pyramid():
+    from mrnet_core.config import make_config
+    from mrnet_core.encode import encode
+    default = make_config("default", {}, model="g")
+    fast, compact = make_config("fast", {}, model="g"), make_config("compact", {}, model="g")
+    # The MR-Net presets' widths, steps and learning rates are not a latent pyramid's: `fast` once fitted 50 steps at
+    # a fifth of its learning rate, and `compact` was refused for its 8-bit weights.
+    assert fast.latent_hidden() == default.latent_hidden() and fast.per_stage("lr") == default.per_stage("lr")
+    assert fast.per_stage("max_epochs")[-1] == default.per_stage("max_epochs")[-1] // 10
+    assert compact == default and make_config("texture", {}, model="g").periodic
+    image = sample("astronaut.png", 64)[None]
+    record = encode(image, make_config("fast", {"levels": 4}, model="g"), device="cpu")[0][0]
+    was = make_config("default", {"levels": 4, "max_epochs": [50], "hidden": [48], "lr": [2e-3]}, model="g")
+    assert record.stages[0].epochs == 300
+    assert record.levels[-1].psnr > encode(image, was, device="cpu")[0][0].levels[-1].psnr + 5  # 18.6 against 10.2
+
+
 def test_the_cheapest_symbols_a_coder_writes_are_read_back():
     # Every latent at the edge of its range, predicted there at the smallest scale: about 0.013 bits each, the least
     # a symbol can cost. The reader's bound on symbols per word must let the file through.
