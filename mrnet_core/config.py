@@ -273,7 +273,7 @@ PRESETS = {
 # What the presets above mean for a latent pyramid, whose widths, steps and learning rate are its own: `fast` is a
 # short fit (a tenth of the steps); `compact` is `default` (its files are rate-controlled and entropy-coded already);
 # `texture` is as for any model.
-_LATENT_PRESETS = {"fast": {"max_epochs": (300,)}, "compact": {}}
+_LATENT_PRESETS = {"default": {}, "fast": {"max_epochs": (300,)}, "compact": {}, "texture": PRESETS["texture"]}
 
 
 def load_file(path: Path | str) -> tuple[dict, dict]:
@@ -299,7 +299,8 @@ def load_file(path: Path | str) -> tuple[dict, dict]:
 
 
 def make_config(preset: str = "default", overrides: dict | None = None, model: str | None = None) -> FitConfig:
-    """Resolve preset, then model defaults, then overrides (a dict, e.g. from `load_file` and CLI flags)."""
+    """The model's defaults, then the preset's keys (for model g, `_LATENT_PRESETS`), then overrides (a dict, e.g.
+    from `load_file` and CLI flags), each over the last."""
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {_show(preset)}; choose one of {', '.join(PRESETS)}")
     if not isinstance(overrides, (dict, type(None))):
@@ -312,6 +313,6 @@ def make_config(preset: str = "default", overrides: dict | None = None, model: s
     for key in overrides:
         if key not in known:
             raise ConfigError(f"{key}: unknown config key; known keys: {', '.join(known)}")
-    preset_keys = _LATENT_PRESETS.get(preset, PRESETS[preset]) if model == "g" else PRESETS[preset]
+    preset_keys = (_LATENT_PRESETS if model == "g" else PRESETS)[preset]
     merged = {**_MODEL_DEFAULTS[model], **preset_keys, **overrides, "model": model}
     return replace(FitConfig(), **merged).validate()

@@ -33,9 +33,10 @@ LATENT_RATE_AIM = 0.97  # of its budget a latent pyramid's fit aims at: the esti
 LATENT_RATE_FILL = 0.9
 # ... unless its fit's rate weight fell below this share of where it started: the fit had no use for more bits.
 LATENT_RATE_SATURATED = 0.02
-# On a CPU a latent pyramid's batch runs fastest per image up to about this many pixels (six 256 px images): beyond,
-# its activations fall out of cache and each image-step costs up to 1.7 times as much (bench/latent_step.py,
-# docs/performance.md). Larger batches are split (`encode_in_batches`); a GPU takes what fits its memory.
+# On a CPU a latent pyramid's batch runs fastest per image up to about this many pixels (six 256 px images, with its
+# MLP 16 wide): beyond, its activations fall out of cache and each image-step costs up to 1.8 times as much
+# (bench/latent_step.py, docs/performance.md). Larger batches are split (`encode_in_batches`); a GPU takes what fits
+# its memory.
 LATENT_CPU_BATCH_PIXELS = 6 * 256 * 256
 
 
@@ -384,9 +385,9 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
 
     Batches are sized by the memory model (`memory.max_batch`) against `memory_bytes` (default: what the device
     offers now), latent pyramids on a CPU to at most LATENT_CPU_BATCH_PIXELS, and split as evenly as that allows. A
-    batch that still runs out of memory is split in halves, down to single images; one that fails
-    otherwise is retried image by image, so one bad image fails alone. Device faults other than out of memory
-    propagate: the device is unusable, and the caller must end the process. `encode_fn` is `encode`'s signature.
+    batch that still runs out of memory is split in halves, down to single images; one that fails otherwise is
+    retried image by image, so one bad image fails alone. Device faults other than out of memory propagate: the
+    device is unusable, and the caller must end the process. `encode_fn` is `encode`'s signature.
     """
     b, c, h, w = images.shape
     memory_bytes = devices.available_memory(device) if memory_bytes is None else memory_bytes
@@ -399,8 +400,11 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
         failure = Failure("too_large", f"a {w}x{h} image needs about {need / 2**30:.2f} GiB to encode with this "
                                        f"config; the device offers {memory_bytes / 2**30:.2f} GiB")
         return [failure] * b
-    if cfg.model == "g" and devices.resolve(device).type == "cpu":
-        limit = min(limit, max(1, LATENT_CPU_BATCH_PIXELS // (h * w)))
+    if cfg.model == "g" and devices.resolve(device).type == "cpu":  # a wider MLP fills the cache sooner
+        pixels = LATENT_CPU_BATCH_PIXELS * 16 // max(16, *cfg.latent_hidden())
+        limit = min(limit, max(1, pixels // (h * w)))
+    if not b:
+        return []
     results = [None] * b
     # As even as the limit allows: a batch of 7 at a limit of 6 runs as 4 and 3, not 6 and a slow 1.
     pending = [index.tolist() for index in torch.arange(b).tensor_split(-(-b // limit))]

@@ -368,9 +368,10 @@ def test_a_bpp_target_steers_each_file_to_its_budget():
 
 
 def test_every_preset_means_something_for_a_latent_pyramid():
-    from mrnet_core.config import make_config
+    from mrnet_core.config import PRESETS, make_config
     from mrnet_core.encode import encode
     default = make_config("default", {}, model="g")
+    assert all(make_config(name, {}, model="g").latent_hidden() == (16, 16) for name in PRESETS)  # every one mapped
     fast, compact = make_config("fast", {}, model="g"), make_config("compact", {}, model="g")
     # The MR-Net presets' widths, steps and learning rates are not a latent pyramid's: `fast` once fitted 50 steps at
     # a fifth of its learning rate, and `compact` was refused for its 8-bit weights.
