@@ -183,7 +183,7 @@ def encode_latent(images: torch.Tensor, cfg: FitConfig, device=None,
         length = steps if last is None else refit_steps(steps)
         lam = (cfg.rate_weight if last is None
                else restart_rate_weights(last.rate_weights, floors[todo], cfg.rate_weight))
-        model = latent.fit(batch, arch, lam, length, lr, border=cfg.border, seed=cfg.seed,
+        model = latent.fit(batch, arch, lam, length, lr, cfg.coarse_weight, border=cfg.border, seed=cfg.seed,
                            progress=None if progress is None else lambda step, loss: progress(0, step, loss),
                            target_bits=None if budget is None else aims[todo], start=initial if last is None else None,
                            resume=last, horizon=steps)

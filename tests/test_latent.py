@@ -385,6 +385,23 @@ def test_every_preset_means_something_for_a_latent_pyramid():
     assert record.levels[-1].psnr > encode(image, was, device="cpu")[0][0].levels[-1].psnr + 5  # 18.6 against 10.2
 
 
+def test_the_coarse_levels_weight_trades_them_for_the_finest():
+    from mrnet_core.config import ConfigError, make_config
+    from mrnet_core.encode import encode
+    image = sample("astronaut.png", 64)[None]
+
+    def fitted(weight):
+        cfg = make_config("default", {"levels": 4, "max_epochs": [300], "coarse_weight": weight}, model="g")
+        return [level.psnr for level in encode(image, cfg, device="cpu")[0][0].levels]
+
+    usual, finest_only = fitted(0.1), fitted(0.0)
+    assert sum(finest_only[:-1]) < sum(usual[:-1]) - 3  # untrained, the 3 coarser levels: 2.5 dB lower each here
+    with pytest.raises(ConfigError, match="coarse_weight: must be a number from 0 to 1"):
+        make_config("default", {"coarse_weight": 1.5}, model="g")
+    assert "coarse_weight" not in make_config("default", {}, model="g").to_dict()  # earlier jobs' config ids stay
+    assert make_config("default", {"coarse_weight": 0.03}, model="g").to_dict()["coarse_weight"] == 0.03
+
+
 def test_the_cheapest_symbols_a_coder_writes_are_read_back():
     # Every latent at the edge of its range, predicted there at the smallest scale: about 0.013 bits each, the least
     # a symbol can cost. The reader's bound on symbols per word must let the file through.
