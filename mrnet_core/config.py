@@ -149,8 +149,9 @@ class FitConfig:
     # width, and fits for the finest max_epochs (steps) at the finest lr.
     rate_weight: float = 0.003
     # Latent pyramids only: the weight of each coarser level of detail's squared error against the finest's 1. Lower
-    # spends more of the file on the finest level: at 0.03, +0.3 dB at full resolution on average and up to 5.6 dB
-    # less on the coarser levels (docs/performance.md, "the coarse levels' weight"); 0 leaves them untrained.
+    # spends more of the file on the finest level: at 0.03, -2.6 to +1.4 dB at full resolution (+0.1 on average) and
+    # up to 5.6 dB less on the coarser levels (docs/performance.md, "the coarse levels' weight"); 0 weighs the finest
+    # alone.
     coarse_weight: float = 0.1
     # Latent pyramids only: the latents' probability model, "context" (a small network over the latents decoded before,
     # in the file) or "factorised" (one Laplace per grid).

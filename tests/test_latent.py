@@ -395,11 +395,12 @@ def test_the_coarse_levels_weight_trades_them_for_the_finest():
         return [level.psnr for level in encode(image, cfg, device="cpu")[0][0].levels]
 
     usual, finest_only = fitted(0.1), fitted(0.0)
-    assert sum(finest_only[:-1]) < sum(usual[:-1]) - 3  # untrained, the 3 coarser levels: 2.5 dB lower each here
+    assert sum(finest_only[:-1]) < sum(usual[:-1]) - 3  # weighed 0, the 3 coarser levels: 2.5 dB lower each here
     with pytest.raises(ConfigError, match="coarse_weight: must be a number from 0 to 1"):
         make_config("default", {"coarse_weight": 1.5}, model="g")
     assert "coarse_weight" not in make_config("default", {}, model="g").to_dict()  # earlier jobs' config ids stay
     assert make_config("default", {"coarse_weight": 0.03}, model="g").to_dict()["coarse_weight"] == 0.03
+    assert "coarse_weight" not in make_config("default", {"coarse_weight": 0.03}).to_dict()  # an M-Net does not read it
 
 
 def test_the_cheapest_symbols_a_coder_writes_are_read_back():
