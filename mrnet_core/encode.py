@@ -390,6 +390,8 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
     device is unusable, and the caller must end the process. `encode_fn` is `encode`'s signature.
     """
     b, c, h, w = images.shape
+    if not b:
+        return []
     memory_bytes = devices.available_memory(device) if memory_bytes is None else memory_bytes
     try:
         limit = max_batch(cfg, c, h, w, memory_bytes)
@@ -403,8 +405,6 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
     if cfg.model == "g" and devices.resolve(device).type == "cpu":  # a wider MLP fills the cache sooner
         pixels = LATENT_CPU_BATCH_PIXELS * 16 // max(16, *cfg.latent_hidden())
         limit = min(limit, max(1, pixels // (h * w)))
-    if not b:
-        return []
     results = [None] * b
     # As even as the limit allows: a batch of 7 at a limit of 6 runs as 4 and 3, not 6 and a slow 1.
     pending = [index.tolist() for index in torch.arange(b).tensor_split(-(-b // limit))]
