@@ -1,7 +1,7 @@
 """Latent pyramids (model g): seconds per fitting step and per image-step, at each size and batch. Prints a markdown
 table; the quality of a short fit is printed beside it, so that a faster step that fits worse shows.
 
-    python bench/latent_step.py [--sizes 128,256] [--batches 1,4] [--steps 30] [--threads 2]
+    python bench/latent_step.py [--sizes 128,256] [--batches 1,4] [--steps 30] [--threads 2] [--device cuda]
 """
 import argparse
 import sys
@@ -38,17 +38,25 @@ def main():
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
     print("| size | batch | s per step | s per image-step | PSNR after the steps (dB, mean) |")
     print("|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
-            images = crops(size, batch)
+            images = crops(size, batch).to(device)
             arch = latent.LatentArchitecture(3, size, size, 7, (16, 16))
             latent.fit(images, arch, 0.003, steps=3)  # warm-up
+            sync()
             start = time.perf_counter()
             model = latent.fit(images, arch, 0.003, steps=args.steps)
+            sync()
             seconds = (time.perf_counter() - start) / args.steps
             quality = psnr(model.on_pixels(size, size).transpose(1, 2).reshape(images.shape), images).mean()
             print(f"| {size} | {batch} | {seconds:.3f} | {seconds / batch:.3f} | {float(quality):.2f} |", flush=True)

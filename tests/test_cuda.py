@@ -18,7 +18,8 @@ CFG = make_config("fast", {"levels": 2, "max_epochs": [150, 80]})
 
 
 def photos(size=64):
-    return torch.stack([sample(name, size)[:, :size, :size] for name in ("astronaut.png", "coffee.png")])
+    # Long side 1.5 x size, so that coffee.png (3:2) still has `size` rows to crop.
+    return torch.stack([sample(name, size * 3 // 2)[:, :size, :size] for name in ("astronaut.png", "coffee.png")])
 
 
 def test_a_fit_on_cuda_is_as_good_as_on_the_cpu():
@@ -67,3 +68,30 @@ def test_batches_fit_in_the_device_memory():
     results = encode_in_batches(photos(), CFG, device="cuda")
     assert all(isinstance(r, tuple) for r in results)
     assert torch.cuda.max_memory_allocated() < torch.cuda.get_device_properties(0).total_memory
+
+
+def test_a_latent_pyramid_encoded_on_cuda_decodes_on_the_cpu_to_what_was_measured():
+    # The file is coded in integers on the CPU whichever device fitted it, so a CUDA encode decodes anywhere; the
+    # record's quality (measured on the GPU) is the CPU render's to within float rounding.
+    images = photos()
+    cfg = make_config("default", {"levels": 4, "max_epochs": [300], "target_bpp": 1.5}, model="g")
+    records, blobs = encode(images, cfg, device="cuda")
+    for i, blob in enumerate(blobs):
+        assert len(blob) <= 1.5 * 64 * 64 / 8 and records[i].rate.met
+        model, _ = modelfile.from_bytes(blob, f"image {i}")
+        quality = psnr(render(model, 64, 64).clamp(0, 1), images[i : i + 1]).item()
+        assert quality == pytest.approx(records[i].levels[-1].psnr, abs=0.05) and quality > 15  # CPU: 18.1, 22.0
+
+
+def test_an_encode_from_the_shipped_prior_on_cuda_decodes_on_the_cpu():
+    from mrnet_core.encode import choose_prior
+    cfg = make_config("default", {"target_bpp": 2.0})  # 1 bpp at 64 px (512 bytes) is too few for an M-Net
+    prior = choose_prior(cfg)
+    assert prior is not None  # a rate target starts from the shipped prior
+    images = photos()
+    records, blobs = encode(images, cfg, device="cuda", prior=prior)
+    for i, blob in enumerate(blobs):
+        assert len(blob) <= 2 * 64 * 64 / 8 and records[i].prior_id == prior.prior_id
+        model, _ = modelfile.from_bytes(blob, f"image {i}", prior)
+        quality = psnr(render(model, 64, 64).clamp(0, 1), images[i : i + 1]).item()
+        assert quality == pytest.approx(records[i].levels[-1].psnr, abs=0.05) and quality > 17  # CPU: 19.2, 19.7
