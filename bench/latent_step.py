@@ -1,5 +1,6 @@
-"""Latent pyramids (model g): seconds per fitting step and per image-step, at each size and batch. Prints a markdown
-table; the quality of a short fit is printed beside it, so that a faster step that fits worse shows.
+"""Latent pyramids (model g): seconds per fitting step and per image-step, at each size and batch, and per image in the
+work after a fit (quantising the MLP and the context model, writing and reading the file). Prints a markdown table;
+the quality of a short fit is printed beside it, so that a faster step that fits worse shows.
 
     python bench/latent_step.py [--sizes 128,256] [--batches 1,4] [--steps 30] [--threads 2] [--device cuda]
 """
@@ -13,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mrnet_core import latent  # noqa: E402
+from mrnet_core import latent, modelfile  # noqa: E402
 from mrnet_core.images import read_image  # noqa: E402
 from mrnet_core.metrics import psnr  # noqa: E402
 
@@ -46,8 +47,9 @@ def main():
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    print("| size | batch | s per step | s per image-step | PSNR after the steps (dB, mean) |")
-    print("|---|---|---|---|---|")
+    print("| size | batch | s per step | s per image-step | PSNR after the steps (dB, mean) | s per image: quantise, "
+          "write, read |")
+    print("|---|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         for batch in (int(b) for b in args.batches.split(",")):
             images = crops(size, batch).to(device)
@@ -59,7 +61,19 @@ def main():
             sync()
             seconds = (time.perf_counter() - start) / args.steps
             quality = psnr(model.on_pixels(size, size).transpose(1, 2).reshape(images.shape), images).mean()
-            print(f"| {size} | {batch} | {seconds:.3f} | {seconds / batch:.3f} | {float(quality):.2f} |", flush=True)
+            after = [time.perf_counter()]
+            latent.quantise_weights(model, images, model.rate_weights)
+            sync()
+            after.append(time.perf_counter())
+            meta = modelfile.ImageMeta(size, size, 3, arch.levels)
+            files = [modelfile.to_bytes(model, meta, index=i) for i in range(batch)]
+            after.append(time.perf_counter())
+            for data in files:
+                modelfile.from_bytes(data)
+            after.append(time.perf_counter())
+            post = ", ".join(f"{(b - a) / batch:.3f}" for a, b in zip(after, after[1:]))
+            print(f"| {size} | {batch} | {seconds:.3f} | {seconds / batch:.3f} | {float(quality):.2f} | {post} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -260,9 +260,11 @@ def context_codes(inputs: torch.Tensor, weights, biases, exponent: int) -> tuple
     """The context model in integers, exactly as a decoder runs it: inputs [P, CONTEXT_INPUTS] (int64 latents),
     weights and biases as int64 multiples of 2^-exponent (3 to MAX_CONTEXT_EXPONENT). Returns each latent's mean in
     eighths and its log2 scale offset in sixteenths, [P] each, rounded half up. Inputs of at most MAX_SYMBOL and
-    weights of at most MAX_CONTEXT_SYMBOL keep every sum below 2^52."""
+    weights of at most MAX_CONTEXT_SYMBOL keep every sum below 2^52, so the products run in float64, whose sums of
+    integers below 2^53 are exact in any order: the same integers as int64 products, about 6x faster on a CPU."""
+    inputs, weights, biases = inputs.double(), [t.double() for t in weights], [t.double() for t in biases]
     hidden = (inputs @ weights[0] + biases[0]).clamp(0, HIDDEN_CAP)  # units of 2^-e
-    out = hidden @ weights[1] + biases[1] * 2**exponent  # units of 2^-2e
+    out = (hidden @ weights[1] + biases[1] * 2**exponent).long()  # units of 2^-2e
     mean8 = torch.div(out[:, 0] + 2 ** (2 * exponent - 4), 2 ** (2 * exponent - 3), rounding_mode="floor")
     offset16 = torch.div(out[:, 1] + 2 ** (2 * exponent - 5), 2 ** (2 * exponent - 4), rounding_mode="floor")
     return mean8, offset16
@@ -464,20 +466,22 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
         return model.context_exponents
     model.grid_scales.copy_(MIN_LOG2_SCALE + scale_codes(model.grid_scales) / 16)
     tensors = [*model.context_weights, *model.context_biases]
+    counts = torch.tensor([g[0].numel() for g in model.grids])
     for i in range(model.batch):
         grids = [g[i : i + 1].cpu().long() for g in model.grids]
-        inputs = [context_inputs(z)[0].contiguous() for z in grids]  # the same for every step tried; rows stored
-        # contiguous: int64 products have no fast path for strided operands
-        codes = scale_codes(model.grid_scales[i].cpu())
+        # Every grid's latents and context inputs in one pass per step tried (they do not depend on the step); rows
+        # stored contiguous, as products want them.
+        inputs = torch.cat([context_inputs(z)[0] for z in grids]).contiguous()
+        latents = torch.cat([z.flatten() for z in grids]).double()
+        codes = scale_codes(model.grid_scales[i].cpu()).repeat_interleave(counts)
         kept = [t[i].cpu().double() for t in tensors]
         best = (math.inf, None, None)
         for e in exponents:
             symbols = [torch.round(k * 2**e).clamp(-MAX_CONTEXT_SYMBOL, MAX_CONTEXT_SYMBOL).long() for k in kept]
             bits = sum(tensor_bits(q[None].double()).sum() for q in symbols)
-            for k, z in enumerate(grids):
-                mean8, offset16 = context_codes(inputs[k], symbols[:2], symbols[2:], e)
-                log2_scale = MIN_LOG2_SCALE + (codes[k] + offset16).clamp(0, 255) / 16
-                bits += laplace_bits(z.flatten().double() - mean8 / 8, log2_scale).sum()
+            mean8, offset16 = context_codes(inputs, symbols[:2], symbols[2:], e)
+            log2_scale = MIN_LOG2_SCALE + (codes + offset16).clamp(0, 255) / 16
+            bits += laplace_bits(latents - mean8 / 8, log2_scale).sum()
             if bits < best[0]:
                 best = (float(bits), e, symbols)
         _, e, symbols = best

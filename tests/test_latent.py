@@ -217,6 +217,30 @@ def test_the_integer_context_model_follows_the_float_one(fitted):
     assert mean.abs().max() > 0.1  # the context model was fitted: it predicts, it is not all zeros
 
 
+def test_the_integer_context_model_is_int64_arithmetic_at_its_bounds():
+    # context_codes runs its products in float64, exact only while every sum stays below 2^53: the same integers
+    # as int64 products, at the bounds a file allows (which push hidden units to HIDDEN_CAP) and between them.
+    def reference(inputs, weights, biases, e):
+        hidden = (inputs @ weights[0] + biases[0]).clamp(0, latent.HIDDEN_CAP)
+        out = hidden @ weights[1] + biases[1] * 2**e
+        return (torch.div(out[:, 0] + 2 ** (2 * e - 4), 2 ** (2 * e - 3), rounding_mode="floor"),
+                torch.div(out[:, 1] + 2 ** (2 * e - 5), 2 ** (2 * e - 4), rounding_mode="floor"))
+
+    generator = torch.Generator().manual_seed(0)
+    top, weight_top = latent.MAX_SYMBOL, latent.MAX_CONTEXT_SYMBOL
+    inputs = torch.cat([torch.full((1, latent.CONTEXT_INPUTS), top), torch.full((1, latent.CONTEXT_INPUTS), -top),
+                        torch.randint(-top, top + 1, (4000, latent.CONTEXT_INPUTS), generator=generator)])
+    for e in (3, latent.MAX_CONTEXT_EXPONENT):
+        for fill in (weight_top, -weight_top, None):
+            shapes = [*latent.CONTEXT_SHAPES, (latent.CONTEXT_HIDDEN,), (2,)]
+            params = [torch.full(shape, fill) if fill is not None else
+                      torch.randint(-weight_top, weight_top + 1, shape, generator=generator) for shape in shapes]
+            got, want = latent.context_codes(inputs, params[:2], params[2:], e), reference(inputs, params[:2],
+                                                                                         params[2:], e)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (e, fill)
+            assert got[0].dtype == torch.int64
+
+
 def test_extreme_latents_and_context_weights_decode_exactly():
     # Every value at its bound: the integer context model must not overflow, and the file must come back exact.
     arch = latent.LatentArchitecture(1, 16, 16, 2, (4,))
