@@ -20,12 +20,13 @@ fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv || true
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+failed=0
 step() {  # step SECONDS NAME COMMAND...: run it, its output to the screen and $OUT/NAME.txt, within SECONDS
     local seconds=$1 name=$2; shift 2
     echo "== $name (at most ${seconds}s)"
-    timeout "$seconds" "$@" 2>&1 | tee "$OUT/$name.txt"
+    timeout -k 10 "$seconds" "$@" 2>&1 | tee "$OUT/$name.txt"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" = 0 ] || echo "gpu_check: $name ended with status $rc (124: out of time)"
+    [ "$rc" = 0 ] || { echo "gpu_check: $name ended with status $rc (124: out of time)"; failed=1; }
 }
 # -p no:cacheprovider: the checkout may be read-only; the Ray tests are not collected (no Ray here).
 step 120 tests python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_device.py
@@ -35,3 +36,4 @@ step 180 encode_g python3 bench/gpu_encode.py --model g --batches 16 --json "$OU
 echo "== summary"
 grep -h "^|" "$OUT"/latent_step.txt "$OUT"/encode_m.txt "$OUT"/encode_g.txt 2>/dev/null
 tail -n 3 "$OUT/tests.txt"
+exit $failed

@@ -66,7 +66,7 @@ def run_case(images, cfg, device, count_flops):
     b, _, h, w = images.shape
     row = {"model": cfg.model, "prior": prior.prior_id if prior else None, "size": h, "images": b,
            "batches": sorted({r.batch for r in done}), "failed": b - len(done), "seconds": round(seconds, 2),
-           "images_per_hour": round(b / seconds * 3600), "target_bpp": cfg.target_bpp,
+           "images_per_hour": round(len(done) / seconds * 3600), "target_bpp": cfg.target_bpp,
            "bpp_mean": round(sum(r.bpp for r in done) / max(len(done), 1), 4),
            "fill_min": round(min((r.bpp / cfg.target_bpp for r in done), default=0), 3),
            "all_within": all(r.bpp <= cfg.target_bpp for r in done),
@@ -106,7 +106,9 @@ def main():
         row = run_case(crops(args.size, batch), cfg, device, args.count_flops)
         row["fp32_peak_tflops"] = round(peak / 1e3, 1)
         flops = row.get("matmul_gflop_per_image")
-        share = f"{flops * row['images_per_hour'] / 3600 / peak:.4f}" if flops else "–"
+        if flops:
+            row["share_of_fp32_peak"] = round(flops * row["images_per_hour"] / 3600 / peak, 5)
+        share = row.get("share_of_fp32_peak", "–")
         print(f"| {row['model']} | {batch} | {row['batches']} | {row['seconds']} | {row['images_per_hour']:,} | "
               f"{row['bpp_mean']} ({args.bpp}) | {row['fill_min']} | {row['all_within']} | {row['psnr_mean']} | "
               f"{row['failed']} | {flops or '–'} | {share} |", flush=True)

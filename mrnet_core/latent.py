@@ -257,11 +257,12 @@ def context_laplace(inputs: torch.Tensor, weights, biases) -> tuple[torch.Tensor
 
 
 def context_codes(inputs: torch.Tensor, weights, biases, exponent: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The context model in integers, exactly as a decoder runs it: inputs [P, CONTEXT_INPUTS] (int64 latents),
-    weights and biases as int64 multiples of 2^-exponent (3 to MAX_CONTEXT_EXPONENT). Returns each latent's mean in
-    eighths and its log2 scale offset in sixteenths, [P] each, rounded half up. Inputs of at most MAX_SYMBOL and
-    weights of at most MAX_CONTEXT_SYMBOL keep every sum below 2^52, so the products run in float64, whose sums of
-    integers below 2^53 are exact in any order: the same integers as int64 products, about 6x faster on a CPU."""
+    """The context model in integers, exactly as a decoder runs it: inputs [P, CONTEXT_INPUTS] (integer latents),
+    weights and biases as integer multiples of 2^-exponent (3 to MAX_CONTEXT_EXPONENT), each int64 or float64 (float64
+    needs no conversion). Returns each latent's mean in eighths and its log2 scale offset in sixteenths, [P] each
+    (int64), rounded half up. Inputs of at most MAX_SYMBOL and weights of at most MAX_CONTEXT_SYMBOL keep every sum
+    below 2^52, so the products run in float64, whose sums of integers below 2^53 are exact in any order: the same
+    integers as int64 products, about 6x faster on a CPU."""
     inputs, weights, biases = inputs.double(), [t.double() for t in weights], [t.double() for t in biases]
     hidden = (inputs @ weights[0] + biases[0]).clamp(0, HIDDEN_CAP)  # units of 2^-e
     out = (hidden @ weights[1] + biases[1] * 2**exponent).long()  # units of 2^-2e
@@ -471,7 +472,7 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
         grids = [g[i : i + 1].cpu().long() for g in model.grids]
         # Every grid's latents and context inputs in one pass per step tried (they do not depend on the step); rows
         # stored contiguous, as products want them.
-        inputs = torch.cat([context_inputs(z)[0] for z in grids]).contiguous()
+        inputs = torch.cat([context_inputs(z)[0] for z in grids]).double().contiguous()
         latents = torch.cat([z.flatten() for z in grids]).double()
         codes = scale_codes(model.grid_scales[i].cpu()).repeat_interleave(counts)
         kept = [t[i].cpu().double() for t in tensors]
@@ -529,9 +530,9 @@ def _laplace(top: int, code: int):
 
 
 def _context_laplace(inputs, weights, biases, exponent, code, top):
-    """Means and scales (float64 arrays) of latents of int64 context inputs [P, CONTEXT_INPUTS] under the integer
-    context model (int64 weights and biases in steps of 2^-exponent) and their grid's scale code and largest
-    |symbol|: what coder and decoder agree on."""
+    """Means and scales (float64 arrays) of latents of integer context inputs [P, CONTEXT_INPUTS] under the integer
+    context model (integer weights and biases in steps of 2^-exponent; see `context_codes`) and their grid's scale
+    code and largest |symbol|: what coder and decoder agree on."""
     mean8, offset16 = context_codes(inputs, weights, biases, exponent)
     means = (mean8.double() / 8).clamp(-top, top).numpy()
     return means, SCALES[(offset16 + code).clamp(0, 255).numpy()]
@@ -586,13 +587,13 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
         parts.append(struct.pack("<B", context_exponent))
         for symbols in weights:
             factorised(symbols)
-        context = [torch.from_numpy(w.astype(np.int64)).reshape(shape) for w, shape in
-                   zip(weights[-4:], _context_shapes())]
+        context = [torch.from_numpy(w.astype(np.float64)).reshape(shape) for w, shape in  # as context_codes
+                   zip(weights[-4:], _context_shapes())]  # multiplies them
         for grid, code in zip(grids, codes):
             top = int(np.abs(grid).max())
             parts.append(_GROUP.pack(code, top))
             if top:
-                inputs = context_inputs(torch.from_numpy(grid.astype(np.int64))[None])[0].contiguous()
+                inputs = context_inputs(torch.from_numpy(grid.astype(np.float64))[None])[0].contiguous()
                 means, scales = _context_laplace(inputs, context[0::2], context[1::2], context_exponent, code, top)
                 order = decode_order(*grid.shape)[0]
                 encoder.encode(grid.ravel()[order], constriction.stream.model.QuantizedLaplace(-top, top),
@@ -670,8 +671,8 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
             symbols = decode(_laplace(top, code), n=tensor.numel()) if top else np.zeros(tensor.numel(), np.int32)
             symbols = torch.from_numpy(symbols.astype(np.int64)).reshape(tensor.shape)
             is_context = i >= 2 * len(arch.hidden) + 2
-            if is_context:
-                context.append(symbols[0])
+            if is_context:  # in float64, as `context_codes` multiplies them (exactly)
+                context.append(symbols[0].double())
             tensor.copy_(symbols.float() * 2.0 ** -(context_exponent if is_context else exponent))
 
     def read_grids(coded):
@@ -683,12 +684,15 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
             elif top:
                 family = constriction.stream.model.QuantizedLaplace(-top, top)
                 order, fronts = decode_order(h, w)
-                known = torch.zeros(h * w + 1, dtype=torch.int64)  # the last: every neighbour beyond the edge
+                neighbours = torch.from_numpy(causal_neighbours(order, h, w))  # every latent's, in decode order
+                # Integers held in float64, as `context_codes` multiplies them (exactly); the last: every neighbour
+                # beyond the edge.
+                known = torch.zeros(h * w + 1, dtype=torch.float64)
                 for start, stop in zip(fronts[:-1], fronts[1:]):
                     front = order[start:stop]
-                    inputs = known[causal_neighbours(front, h, w)]
+                    inputs = known[neighbours[start:stop]]
                     means, scales = _context_laplace(inputs, context[0::2], context[1::2], context_exponent, code, top)
-                    known[front] = torch.from_numpy(decode(family, means, scales, n=None).astype(np.int64))
+                    known[front] = torch.from_numpy(decode(family, means, scales, n=None).astype(np.float64))
                 symbols = known[:-1]
             grid.copy_(symbols.reshape(1, h, w).float())
             model.grid_scales[0, k] = MIN_LOG2_SCALE + code / 16

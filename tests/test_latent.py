@@ -226,19 +226,32 @@ def test_the_integer_context_model_is_int64_arithmetic_at_its_bounds():
         return (torch.div(out[:, 0] + 2 ** (2 * e - 4), 2 ** (2 * e - 3), rounding_mode="floor"),
                 torch.div(out[:, 1] + 2 ** (2 * e - 5), 2 ** (2 * e - 4), rounding_mode="floor"))
 
+    top, weight_top, cap = latent.MAX_SYMBOL, latent.MAX_CONTEXT_SYMBOL, latent.HIDDEN_CAP
+    # The constants keep the largest possible sum of absolute values below 2^53 in both layers.
+    assert latent.CONTEXT_INPUTS * top * weight_top + weight_top < 2**53
+    assert latent.CONTEXT_HIDDEN * cap * weight_top + weight_top * 2**latent.MAX_CONTEXT_EXPONENT < 2**53
     generator = torch.Generator().manual_seed(0)
-    top, weight_top = latent.MAX_SYMBOL, latent.MAX_CONTEXT_SYMBOL
+    shapes = [*latent.CONTEXT_SHAPES, (latent.CONTEXT_HIDDEN,), (2,)]
+
+    def draw(bound, shape):
+        return torch.randint(-bound, bound + 1, shape, generator=generator)
+
     inputs = torch.cat([torch.full((1, latent.CONTEXT_INPUTS), top), torch.full((1, latent.CONTEXT_INPUTS), -top),
-                        torch.randint(-top, top + 1, (4000, latent.CONTEXT_INPUTS), generator=generator)])
-    for e in (3, latent.MAX_CONTEXT_EXPONENT):
-        for fill in (weight_top, -weight_top, None):
-            shapes = [*latent.CONTEXT_SHAPES, (latent.CONTEXT_HIDDEN,), (2,)]
-            params = [torch.full(shape, fill) if fill is not None else
-                      torch.randint(-weight_top, weight_top + 1, shape, generator=generator) for shape in shapes]
-            got, want = latent.context_codes(inputs, params[:2], params[2:], e), reference(inputs, params[:2],
-                                                                                         params[2:], e)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), (e, fill)
-            assert got[0].dtype == torch.int64
+                        draw(top, (4000, latent.CONTEXT_INPUTS)), draw(2**10, (4000, latent.CONTEXT_INPUTS))])
+    cases = [[torch.full(shape, fill) for shape in shapes] for fill in (weight_top, -weight_top, weight_top - 1)]
+    cases += [[draw(weight_top, shape) for shape in shapes], [draw(2**12, shape) for shape in shapes]]
+    # Hidden units one below the cap times odd weights near the bound: odd low bits at about 2^51.
+    near = [torch.zeros(shapes[0], dtype=torch.int64), torch.full(shapes[1], weight_top - 1),
+            torch.full(shapes[2], cap - 1), torch.full(shapes[3], -weight_top + 1)]
+    for e in (3, 7, latent.MAX_CONTEXT_EXPONENT):
+        for params in [*cases, near]:
+            got = latent.context_codes(inputs, params[:2], params[2:], e)
+            want = reference(inputs, params[:2], params[2:], e)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), e
+            assert got[0].dtype == got[1].dtype == torch.int64
+            as_floats = latent.context_codes(inputs.double(), [p.double() for p in params[:2]],
+                                             [p.double() for p in params[2:]], e)  # how a decoder holds them
+            assert all(torch.equal(a, b) for a, b in zip(as_floats, want)), e
 
 
 def test_extreme_latents_and_context_weights_decode_exactly():
