@@ -95,7 +95,6 @@ def main():
     devices.use_full_precision()
     overrides = {"target_bpp": args.bpp, **({"max_epochs": [args.steps]} if args.steps else {})}
     cfg = make_config("default", overrides, model=args.model)
-    torch.zeros(1, device=device) @ torch.zeros(1, device=device)  # CUDA's context and cuBLAS before the clock
     peak = matmul_peak(device)
     print(f"{device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), torch "
           f"{torch.__version__}: fp32 matmul peak {peak / 1e3:.1f} TFLOP/s", flush=True)

@@ -1,7 +1,7 @@
 """Latent pyramids (model g): seconds per fitting step and per image-step, at each size and batch, and per image in the
 work after a fit (quantising the MLP and the context model, writing and reading the file; on at most 4 images of the
-batch). Prints a markdown table;
-the quality of a short fit is printed beside it, so that a faster step that fits worse shows.
+batch). Prints a markdown table; the quality of a short fit is printed beside it, so that a faster step that fits
+worse shows.
 
     python bench/latent_step.py [--sizes 128,256] [--batches 1,4] [--steps 30] [--threads 2] [--device cuda]
 """

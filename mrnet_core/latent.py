@@ -469,11 +469,11 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
     tensors = [*model.context_weights, *model.context_biases]
     counts = torch.tensor([g[0].numel() for g in model.grids])
     for i in range(model.batch):
-        grids = [g[i : i + 1].cpu().long() for g in model.grids]
+        grids = [g[i : i + 1].cpu().double() for g in model.grids]  # integers, held as `context_codes` multiplies them
         # Every grid's latents and context inputs in one pass per step tried (they do not depend on the step); rows
         # stored contiguous, as products want them.
-        inputs = torch.cat([context_inputs(z)[0] for z in grids]).double().contiguous()
-        latents = torch.cat([z.flatten() for z in grids]).double()
+        inputs = torch.cat([context_inputs(z)[0] for z in grids]).contiguous()
+        latents = torch.cat([z.flatten() for z in grids])
         codes = scale_codes(model.grid_scales[i].cpu()).repeat_interleave(counts)
         kept = [t[i].cpu().double() for t in tensors]
         best = (math.inf, None, None)

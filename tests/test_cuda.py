@@ -5,7 +5,7 @@ import torch
 
 from mrnet_core import modelfile
 from mrnet_core.config import make_config
-from mrnet_core.encode import encode, encode_in_batches
+from mrnet_core.encode import choose_prior, encode, encode_in_batches
 from mrnet_core.fit import fit
 from mrnet_core.metrics import psnr
 from mrnet_core.render import render
@@ -84,7 +84,6 @@ def test_a_latent_pyramid_encoded_on_cuda_decodes_on_the_cpu_to_what_was_measure
 
 
 def test_an_encode_from_the_shipped_prior_on_cuda_decodes_on_the_cpu():
-    from mrnet_core.encode import choose_prior
     cfg = make_config("default", {"target_bpp": 2.0})  # 1 bpp at 64 px (512 bytes) is too few for an M-Net
     prior = choose_prior(cfg)
     assert prior is not None  # a rate target starts from the shipped prior
