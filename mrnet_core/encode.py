@@ -395,6 +395,8 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
     memory_bytes = devices.available_memory(device) if memory_bytes is None else memory_bytes
     try:
         limit = max_batch(cfg, c, h, w, memory_bytes)
+    except latent.TooLarge as e:  # over a latent pyramid's limits
+        return [Failure("too_large", str(e))] * b
     except ValueError as e:  # the images are too small for the levels asked for
         return [Failure("too_small", str(e))] * b
     if limit == 0:

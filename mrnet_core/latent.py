@@ -46,6 +46,10 @@ MIN_LOG2_SCALE = -3
 MAX_LOG2_SCALE = MIN_LOG2_SCALE + 255 / 16
 
 
+class TooLarge(ValueError):
+    """An image over a latent pyramid's limits: too many latents, or too many steps to decode."""
+
+
 @dataclass(frozen=True)
 class LatentArchitecture:
     channels: int
@@ -63,12 +67,12 @@ class LatentArchitecture:
         sizes = level_sizes(self.height, self.width, levels=self.levels)  # ValueError when too small for the levels
         latents = sum(h * w for h, w in sizes)
         if latents > MAX_LATENTS:
-            raise ValueError(f"a {self.width}x{self.height} image's {self.levels} grids hold {latents:,} latents, "
-                             f"over a latent pyramid's limit of {MAX_LATENTS:,} (about 12.5 Mpx); use --size")
+            raise TooLarge(f"a {self.width}x{self.height} image's {self.levels} grids hold {latents:,} latents, "
+                           f"over a latent pyramid's limit of {MAX_LATENTS:,} (about 12.5 Mpx); use --size")
         steps = sum(3 * (h - 1) + w for h, w in sizes)  # wavefronts (`decode_order`): a bound on a decode's time
         if self.context and steps > MAX_DECODE_STEPS:
-            raise ValueError(f"a {self.width}x{self.height} image's grids take {steps:,} steps to decode, over the "
-                             f"limit of {MAX_DECODE_STEPS:,} (a long, thin image); use entropy = \"factorised\"")
+            raise TooLarge(f"a {self.width}x{self.height} image's grids take {steps:,} steps to decode, over the "
+                           f"limit of {MAX_DECODE_STEPS:,} (a long, thin image); use entropy = \"factorised\"")
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
@@ -517,6 +521,9 @@ SCALES = np.array([2.0 ** (MIN_LOG2_SCALE + code / 16) for code in range(256)])
 # the edge of the range, which folds a tail onto it), so a payload of W words cannot hold more than about 2,400 W
 # symbols: a header asking for more is forged, and is refused before decoding.
 MAX_SYMBOLS_PER_WORD = 2500
+# A reader finds the causal neighbours of this many latents at once (about 25 MB): a whole grid up to 512 x 512 in
+# one vectorised call, and no more for a forged grid of millions (whose other arrays take about 40 bytes a latent).
+NEIGHBOUR_CHUNK = 2**18
 
 
 def _scale_code(symbols: np.ndarray) -> int:
@@ -684,13 +691,16 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
             elif top:
                 family = constriction.stream.model.QuantizedLaplace(-top, top)
                 order, fronts = decode_order(h, w)
-                neighbours = torch.from_numpy(causal_neighbours(order, h, w))  # every latent's, in decode order
                 # Integers held in float64, as `context_codes` multiplies them (exactly); the last: every neighbour
                 # beyond the edge.
                 known = torch.zeros(h * w + 1, dtype=torch.float64)
+                base = covered = 0  # `neighbours` holds those of order[base:covered]
                 for start, stop in zip(fronts[:-1], fronts[1:]):
+                    if stop > covered:  # the next run of fronts: found at once, in bounded memory
+                        base, covered = start, max(stop, min(start + NEIGHBOUR_CHUNK, h * w))
+                        neighbours = torch.from_numpy(causal_neighbours(order[base:covered], h, w))
                     front = order[start:stop]
-                    inputs = known[neighbours[start:stop]]
+                    inputs = known[neighbours[start - base : stop - base]]
                     means, scales = _context_laplace(inputs, context[0::2], context[1::2], context_exponent, code, top)
                     known[front] = torch.from_numpy(decode(family, means, scales, n=None).astype(np.float64))
                 symbols = known[:-1]
@@ -704,19 +714,23 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
         else:
             read_grids(groups[:levels])
             read_weights(groups[levels:])
-    if output_bound(model) > MAX_OUTPUT:
-        raise fail("its latents and weights can drive the output beyond any pixel value (overflow)")
+    if value_bound(model) > MAX_VALUE:
+        raise fail("its latents and weights can drive the network's values past float32's range (overflow)")
     model.exponents, model.context_exponents = [exponent], [context_exponent]
     return model.requires_grad_(False)
 
-MAX_OUTPUT = 1e30  # far above any fitted model's bound (a pixel is 0 to 1), far below float32's overflow
+MAX_VALUE = 1e30  # far above any fitted model's bound (pixels are 0 to 1), far below float32's overflow
 
 
 @torch.no_grad()
-def output_bound(model: LatentNet, index: int = 0) -> float:
-    """A bound on |f(x, t)| for image `index` at every x and t, by interval arithmetic: interpolation and c_k(t)
-    keep features within the largest |latent|, and each layer maps a bound b to max_j sum_i |W_ij| b + |b_j|."""
+def value_bound(model: LatentNet, index: int = 0) -> float:
+    """A bound on every value the MLP of image `index` computes (hidden units and output) at every x and t, by
+    interval arithmetic in float64: interpolation and c_k(t) keep features within the largest |latent|, and each
+    layer maps a bound b to max_j sum_i |W_ij| b + |b_j|. Rendering runs in float32, so a hidden unit beyond its
+    range would overflow even where the last layer's weights are 0."""
     bound = max(float(g[index].abs().max()) for g in model.grids)
+    largest = bound
     for w, b in zip(model.weights, model.biases):
-        bound = float((w[index].abs().sum(0) * bound + b[index].abs()).max())
-    return bound
+        bound = float((w[index].double().abs().sum(0) * bound + b[index].double().abs()).max())
+        largest = max(largest, bound)
+    return largest

@@ -140,3 +140,12 @@ def test_images_too_small_for_the_levels_fail_without_an_attempt():
     fn = Injected(lambda b: None)
     results = encode_in_batches(images(2, size=4), make_config("fast", {"levels": 5}), "cpu", PLENTY, encode_fn=fn)
     assert fn.batches == [] and [r.kind for r in results] == ["too_small"] * 2
+
+
+def test_images_over_a_latent_pyramids_limits_fail_as_too_large_without_an_attempt():
+    fn = Injected(lambda b: None)
+    cfg = make_config("default", {"levels": 1}, model="g")
+    thin = torch.zeros(2, 1, 1, 70000)  # a context model would take a decoder one step per latent
+    results = encode_in_batches(thin, cfg, "cpu", PLENTY, encode_fn=fn)
+    assert fn.batches == [] and [r.kind for r in results] == ["too_large"] * 2
+    assert "steps to decode" in results[0].message

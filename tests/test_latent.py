@@ -173,6 +173,18 @@ def _model_of(arch):
     return model
 
 
+def test_a_grid_read_in_runs_of_fronts_is_the_same_grid(fitted, monkeypatch):
+    # A reader finds latents' causal neighbours a bounded run at a time (a forged 4096 x 4096 grid must not take
+    # gigabytes); runs that end inside a front, or hold one front, must read the same file.
+    model, _ = fitted
+    data = modelfile.to_bytes(model, META)
+    whole = modelfile.from_bytes(data)[0]
+    for chunk in (1, 7, 50):
+        monkeypatch.setattr(latent, "NEIGHBOUR_CHUNK", chunk)
+        for a, b in zip(modelfile.from_bytes(data)[0].parameters(), whole.parameters()):
+            assert torch.equal(a, b)
+
+
 def test_factorised_files_round_trip_exactly():
     arch = latent.LatentArchitecture(3, SIZE, SIZE, 4, (8,), context=False)
     image = sample("astronaut.png", SIZE)[None]
@@ -307,6 +319,16 @@ def test_values_that_could_overflow_and_pyramids_over_the_latent_limit_are_refus
     data = modelfile.to_bytes(model, modelfile.ImageMeta(16, 16, 3, 2))
     with pytest.raises(modelfile.ModelFileError, match="overflow"):
         modelfile.from_bytes(data, "huge.mrnet")
+    # Hidden units past float32's range spoil a render even where the last layer's weights are 0 (inf * 0: NaN).
+    wide = latent.LatentNet(latent.LatentArchitecture(3, 16, 16, 4, (512, 512, 512, 1), context=False))
+    wide.exponents = [0]
+    with torch.no_grad():
+        for t in [*wide.grids, *wide.weights[:-1]]:
+            t.fill_(2.0**20)  # the fourth layer's unit reaches 2^129
+        wide.weights[-1].zero_()
+    assert render(wide, 4, 4).isnan().all()
+    with pytest.raises(modelfile.ModelFileError, match="overflow"):
+        modelfile.from_bytes(modelfile.to_bytes(wide, modelfile.ImageMeta(16, 16, 3, 4)), "nan.mrnet")
     with pytest.raises(ValueError, match="over a latent pyramid's limit"):
         latent.LatentArchitecture(3, 5000, 5000, 2)
     # A long, thin image would take a decoder one step per latent: refused with a context model, not without.
