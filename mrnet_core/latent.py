@@ -697,7 +697,7 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
                 base = covered = 0  # `neighbours` holds those of order[base:covered]
                 for start, stop in zip(fronts[:-1], fronts[1:]):
                     if stop > covered:  # the next run of fronts: found at once, in bounded memory
-                        base, covered = start, max(stop, min(start + NEIGHBOUR_CHUNK, h * w))
+                        base, covered = start, max(stop, start + NEIGHBOUR_CHUNK)  # slicing stops at the end
                         neighbours = torch.from_numpy(causal_neighbours(order[base:covered], h, w))
                     front = order[start:stop]
                     inputs = known[neighbours[start - base : stop - base]]
