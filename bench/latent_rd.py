@@ -3,7 +3,7 @@ render times, and each photo's BD-rate against each codec over the rates. Prints
 
     python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
         (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context] \\
-        [--prior auto|none|FILE] [--coarse-weight W]
+        [--prior auto|none|FILE] [--coarse-weight W] [--grid-channels G]
 
 Every photo is resized so that its short side is --size and centre-cropped to a square, so that all of them are
 fitted together in one batch (`encode.encode`, as an encode job's actor does); times are the batch's, shared.
@@ -60,6 +60,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--entropy", default="context", choices=("context", "factorised"))
     parser.add_argument("--coarse-weight", type=float, help="the config's coarse_weight (default: its default)")
+    parser.add_argument("--grid-channels", type=int, default=1, help="grids per level (the config's grid_channels)")
     parser.add_argument("--prior", default="auto", help="where fits start: auto (the shipped start when it fits the "
                                                         "config), none (a random draw) or a prior file")
     args = parser.parse_args()
@@ -74,7 +75,8 @@ def main():
     key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
     for value in (float(v) for v in values.split(",")):
         overrides = {key: value, "max_epochs": [args.steps], "levels": args.levels, "entropy": args.entropy,
-                     "prior": args.prior, **({"hidden": [args.hidden]} if args.hidden else {}),
+                     "prior": args.prior, "grid_channels": args.grid_channels,
+                     **({"hidden": [args.hidden]} if args.hidden else {}),
                      **({"coarse_weight": args.coarse_weight} if args.coarse_weight is not None else {})}
         cfg = make_config("default", overrides, model="g")
         prior = choose_prior(cfg)

@@ -4,7 +4,7 @@ import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .latent import LatentArchitecture
+from .latent import MAX_GRID_CHANNELS, LatentArchitecture
 from .network import MODELS as MRNET_MODELS
 from .network import Architecture, StageSpec
 
@@ -75,6 +75,7 @@ BOUNDS = {
     "target_psnr": Bound(float, 0, MAX_TARGET_PSNR),
     "rate_weight": Bound(float, 0, 1),
     "coarse_weight": Bound(float, 0, 1),
+    "grid_channels": Bound(int, 1, MAX_GRID_CHANNELS),
 }
 PER_STAGE = ("first", "hidden", "omega_0", "lr", "max_epochs")
 
@@ -156,6 +157,8 @@ class FitConfig:
     # Latent pyramids only: the latents' probability model, "context" (a small network over the latents decoded before,
     # in the file) or "factorised" (one Laplace per grid).
     entropy: str = "context"
+    # Latent pyramids only: grids per level of detail (the MLP reads levels x grid_channels inputs).
+    grid_channels: int = 1
 
     def validate(self) -> "FitConfig":
         """This config with every number checked against BOUNDS (per-stage keys as tuples), and the keys checked
@@ -175,6 +178,9 @@ class FitConfig:
             raise ConfigError(f"periodic: must be true or false, not {_show(cfg.periodic)}")
         if cfg.model == "g":
             return cfg._validate_latent()
+        if cfg.grid_channels != 1:
+            raise ConfigError(f"grid_channels: only a latent pyramid (model g) has grids; leave it at 1 for "
+                              f"{MODELS[cfg.model]}, not {cfg.grid_channels}")
         if cfg.periodic and cfg.weight_bits <= 8:
             raise ConfigError("weight_bits: periodic models keep float weights (32 or 16): their frequencies stay "
                               "integers")
@@ -216,7 +222,7 @@ class FitConfig:
     def latent_architecture(self, channels: int, height: int, width: int) -> LatentArchitecture:
         """The latent pyramid (model "g") of this config for an image of height x width."""
         return LatentArchitecture(channels, width, height, self.levels, self.latent_hidden(), self.periodic,
-                                  self.entropy == "context")
+                                  self.entropy == "context", grid_channels=self.grid_channels)
 
     def latent_hidden(self) -> tuple:
         """A latent pyramid's MLP widths: hidden_layers layers of the finest `hidden`."""
@@ -241,9 +247,13 @@ class FitConfig:
     def to_dict(self) -> dict:
         out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
         if self.model != "g":  # keys MR-Nets do not read: left out, so their config ids stay as they were
-            del out["rate_weight"], out["entropy"], out["coarse_weight"]
-        elif self.coarse_weight == 0.1:  # at the value it had before it was a key: the ids of earlier jobs stay
+            del out["rate_weight"], out["entropy"], out["coarse_weight"], out["grid_channels"]
+            return out
+        # Keys at the value they had before they were keys: left out, so the ids of earlier jobs stay.
+        if self.coarse_weight == 0.1:
             del out["coarse_weight"]
+        if self.grid_channels == 1:
+            del out["grid_channels"]
         return out
 
 

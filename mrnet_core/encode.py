@@ -260,7 +260,8 @@ def latent_aim(arch: latent.LatentArchitecture, budget: int) -> float:
     """The bits a latent pyramid's fit aims its latents at (`latent.fit`'s target) for a file of `budget` bytes: the
     budget less an estimate of the rest of the file, times LATENT_RATE_AIM. ConfigError when that leaves too little."""
     weights = arch.params() - sum(gh * gw for gh, gw in arch.sizes)
-    fixed = 7 * weights // 8 + 48  # fitted weights cost about 7 bits each; the header and group table
+    # Fitted weights cost about 7 bits each; the header and group table 48 bytes, and 5 more per grid past one a level.
+    fixed = 7 * weights // 8 + 48 + 5 * (arch.grid_count - arch.levels)
     if budget < fixed + 64:
         raise ConfigError(f"target_bpp: {budget} bytes for a {arch.width}x{arch.height} image leave too little for "
                           f"its latents beside the network's weights (about {fixed} bytes); raise target_bpp")
@@ -306,9 +307,10 @@ def choose_prior(cfg: FitConfig, channels: int = 3) -> Prior | None:
     rate_controlled = bool(cfg.target_bpp or cfg.target_psnr)
     if cfg.model == "g":  # a start for the config's levels, widths and entropy model (any image size)
         hidden = cfg.latent_hidden()
-        problem = None if chosen.has_latent_start(cfg.levels, hidden, cfg.entropy == "context") else (
+        shape = (cfg.levels, hidden, cfg.entropy == "context", cfg.grid_channels)
+        problem = None if chosen.has_latent_start(*shape) else (
             f"prior {chosen.prior_id} has no start for latent pyramids of {cfg.levels} levels, hidden widths "
-            f"{list(hidden)} and the {cfg.entropy} entropy model")
+            f"{list(hidden)}, {cfg.grid_channels} grid(s) per level and the {cfg.entropy} entropy model")
     elif rate_controlled:
         bits_cfg = replace(cfg, weight_bits=min(cfg.weight_bits, 8))
         problem = None if prior_rungs(bits_cfg, chosen) else (
@@ -404,8 +406,8 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
         failure = Failure("too_large", f"a {w}x{h} image needs about {need / 2**30:.2f} GiB to encode with this "
                                        f"config; the device offers {memory_bytes / 2**30:.2f} GiB")
         return [failure] * b
-    if cfg.model == "g" and devices.resolve(device).type == "cpu":  # a wider MLP fills the cache sooner
-        pixels = LATENT_CPU_BATCH_PIXELS * 16 // max(16, *cfg.latent_hidden())
+    if cfg.model == "g" and devices.resolve(device).type == "cpu":  # a wider MLP (or more grids) fills the cache sooner
+        pixels = LATENT_CPU_BATCH_PIXELS * 16 // max(16, cfg.levels * cfg.grid_channels, *cfg.latent_hidden())
         limit = min(limit, max(1, pixels // (h * w)))
     results = [None] * b
     # As even as the limit allows: a batch of 7 at a limit of 6 runs as 4 and 3, not 6 and a slow 1.

@@ -7,7 +7,8 @@ Grid k (k = 0 coarsest, ..., N-1 finest) holds one value per pixel of level k of
 
 where z_k(x) is grid k bilinearly interpolated at the point x of the domain [-1, 1]^2 (wrapped around for periodic
 textures) and the MLP has ReLU hidden layers and a linear output. Like an MR-Net's stages, t = k shows level k from
-the coarsest k grids alone, fractional t blends, and f can be drawn at any size and window (`render.render`).
+the coarsest k grids alone, fractional t blends, and f can be drawn at any size and window (`render.render`). With
+`grid_channels` G above 1, each level has G grids of its size, all faded by its c_k(t), and the MLP reads N x G.
 
 Where an MR-Net keeps the image in its weights, this keeps it in the latents, which entropy-code far better: they
 are trained for it, under a rate-distortion loss (`fit`): every level's squared error plus `lam` times the latents'
@@ -44,6 +45,7 @@ MAX_DECODE_STEPS = 2**16
 # A latent's Laplace scale is 2^(MIN_LOG2_SCALE + code / 16) for a code of 0 to 255, in fitting as in files.
 MIN_LOG2_SCALE = -3
 MAX_LOG2_SCALE = MIN_LOG2_SCALE + 255 / 16
+MAX_GRID_CHANNELS = 4  # grids per level of detail
 
 
 class TooLarge(ValueError):
@@ -55,20 +57,24 @@ class LatentArchitecture:
     channels: int
     width: int
     height: int
-    levels: int  # grids, one per level of detail
+    levels: int  # levels of detail, each with `grid_channels` grids
     hidden: tuple = (16, 16)  # the MLP's hidden widths
     periodic: bool = False  # grids wrap around: the image tiles the plane with period 2
     context: bool = True  # the latents' probabilities come from a context model (below); False: a Laplace per grid
     model: str = "g"
+    grid_channels: int = 1  # grids per level, all of its resolution: the MLP reads levels x grid_channels inputs
 
     def __post_init__(self):
         if self.channels < 1 or not self.hidden or any(w < 1 for w in self.hidden):
             raise ValueError(f"channels and hidden widths must be positive, not {self.channels}, {self.hidden}")
-        sizes = level_sizes(self.height, self.width, levels=self.levels)  # ValueError when too small for the levels
+        if not 1 <= self.grid_channels <= MAX_GRID_CHANNELS:
+            raise ValueError(f"grid channels must be 1 to {MAX_GRID_CHANNELS}, not {self.grid_channels}")
+        sizes = self.sizes  # ValueError when too small for the levels
         latents = sum(h * w for h, w in sizes)
         if latents > MAX_LATENTS:
-            raise TooLarge(f"a {self.width}x{self.height} image's {self.levels} grids hold {latents:,} latents, "
-                           f"over a latent pyramid's limit of {MAX_LATENTS:,} (about 12.5 Mpx); use --size")
+            raise TooLarge(f"a {self.width}x{self.height} image's {self.grid_count} grids hold {latents:,} latents, "
+                           f"over a latent pyramid's limit of {MAX_LATENTS:,} (about {12.5 / self.grid_channels:.3g} "
+                           "Mpx); use --size")
         steps = sum(3 * (h - 1) + w for h, w in sizes)  # wavefronts (`decode_order`): a bound on a decode's time
         if self.context and steps > MAX_DECODE_STEPS:
             raise TooLarge(f"a {self.width}x{self.height} image's grids take {steps:,} steps to decode, over the "
@@ -76,11 +82,21 @@ class LatentArchitecture:
 
     @property
     def sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of each grid, coarse to fine."""
-        return level_sizes(self.height, self.width, levels=self.levels)[::-1]
+        """(height, width) of each grid, coarse to fine: a level's `grid_channels` grids one after another."""
+        sizes = level_sizes(self.height, self.width, levels=self.levels)[::-1]
+        return [sizes[k] for k in self.grid_levels]
+
+    @property
+    def grid_levels(self) -> list[int]:
+        """The level of each grid: its size, and the c_k(t) that fades it."""
+        return [k for k in range(self.levels) for _ in range(self.grid_channels)]
+
+    @property
+    def grid_count(self) -> int:
+        return self.levels * self.grid_channels
 
     def layer_shapes(self) -> list[tuple[int, int]]:
-        widths = [self.levels, *self.hidden, self.channels]
+        widths = [self.grid_count, *self.hidden, self.channels]
         return list(zip(widths, widths[1:]))
 
     def params(self) -> int:
@@ -135,7 +151,7 @@ class LatentNet(nn.Module):
             self.biases.append(nn.Parameter(torch.zeros(batch, fan_out)))
         # The entropy model: each grid's log2 Laplace scale (the context model's offset for that grid), and the
         # context model's layers, whose last starts at zero (every latent at mean 0 and its grid's scale).
-        self.grid_scales = nn.Parameter(torch.zeros(batch, arch.levels))
+        self.grid_scales = nn.Parameter(torch.zeros(batch, arch.grid_count))
         self.context_weights, self.context_biases = nn.ParameterList(), nn.ParameterList()
         self.context_exponents = [None] * batch  # per image: its context weights are multiples of 2^-e
         for j, (fan_in, fan_out) in enumerate(CONTEXT_SHAPES if arch.context else []):
@@ -180,9 +196,9 @@ class LatentNet(nn.Module):
         return torch.cat(up, dim=1).flatten(2)
 
     def fade(self, t: float | None = None) -> torch.Tensor:
-        """c_k(t) of every grid k: [N]; t=None shows every level."""
+        """c_k(t) of every grid, k its level: [N]; t=None shows every level."""
         t = float(self.arch.levels) if t is None else float(t)
-        return torch.tensor([min(max(t - k, 0.0), 1.0) for k in range(self.arch.levels)], device=self.grids[0].device)
+        return torch.tensor([min(max(t - k, 0.0), 1.0) for k in self.arch.grid_levels], device=self.grids[0].device)
 
     def mlp(self, features: torch.Tensor, t: float | None = None) -> torch.Tensor:
         """The MLP on interpolated grids [B, N, P], the finer ones faded out by c_k(t): [B, C, P]. Channels first:
@@ -340,6 +356,7 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
     levels = [(g.shape[-2:], g.flatten(2), k) for k, g in enumerate(targets)]  # target [B, C, P]
     counts = [target.shape[2] for _, target, _ in levels]
+    per_level = arch.grid_channels
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device).expand(b).clone()
     for step in range(steps):
@@ -354,9 +371,9 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
         else:  # rounded on the way forward, the identity on the way back
             latents = [g + (torch.round(g) - g).detach() for g in model.grids]
         # Every level's pixels through the MLP in one pass, which runs faster than one pass per level. Level k is
-        # t = k + 1: grids 0 to k at full weight, the finer ones faded out (their inputs 0, not interpolated).
-        features = torch.cat([F.pad(model.pixel_features(*size, latents[: k + 1]), (0, 0, 0, arch.levels - k - 1))
-                              for size, _, k in levels], dim=2)
+        # t = k + 1: the grids of levels 0 to k at full weight, the finer ones faded out (inputs 0, not interpolated).
+        features = torch.cat([F.pad(model.pixel_features(*size, latents[: (k + 1) * per_level]),
+                                    (0, 0, 0, (arch.levels - k - 1) * per_level)) for size, _, k in levels], dim=2)
         errors = [(out - target).square().mean(dim=(1, 2))  # [B] per level
                   for out, (_, target, _) in zip(model.mlp(features).split(counts, dim=2), levels)]
         loss = sum(errors[:-1]) * coarse_weight + errors[-1]
@@ -384,8 +401,8 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
 
 
 def start_shapes(levels: int, hidden: tuple, context: bool, channels: int = 3) -> list[tuple[int, ...]]:
-    """The shapes of a latent pyramid's start (`fit`'s `start`, a prior's): each MLP layer's weight [fan_in, fan_out]
-    and bias, the context model's likewise, and the grid scales [levels]."""
+    """The shapes of a latent pyramid's start (`fit`'s `start`, a prior's; one grid per level): each MLP layer's
+    weight [fan_in, fan_out] and bias, the context model's likewise, and the grid scales [levels]."""
     widths = [levels, *hidden, channels]
     shapes = [s for fi, fo in zip(widths, widths[1:]) for s in ((fi, fo), (fo,))]
     return shapes + (_context_shapes() if context else []) + [(levels,)]
@@ -498,12 +515,14 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
 
 # The payload of a model file of version `modelfile.LATENT_VERSION` (the envelope, version and checksum are
 # modelfile.py's). All numbers little-endian:
-#     header   channels, flags (1: periodic, 2: context model), level count, hidden-layer count: four uint8; width,
-#              height: uint32; hidden widths: uint16 each; the MLP's step exponent e: uint8; with a context model,
-#              its step exponent: uint8
+#     header   channels, flags (1: periodic, 2: context model, 4: grid channels), level count, hidden-layer count:
+#              four uint8; width, height: uint32; hidden widths: uint16 each; the MLP's step exponent e: uint8; with a
+#              context model, its step exponent: uint8; with flag 4, grids per level (2 to MAX_GRID_CHANNELS): uint8
+#              (without it, one, so files of one grid per level are as they were before the flag)
 #     groups   per group its Laplace scale code (uint8) and its largest |symbol| (uint32), in the order they are
-#              coded: without a context model the grids coarse to fine, then each layer's weight [fan_in, fan_out]
-#              and bias; with one, each layer's weight and bias, the context model's, then the grids
+#              coded: without a context model the grids coarse to fine (a level's one after another), then each
+#              layer's weight [fan_in, fan_out] and bias; with one, each layer's weight and bias, the context model's,
+#              then the grids
 #     symbols  word count (uint32) and the range-coded symbols (uint32 words) of every group whose largest |symbol|
 #              is not 0. Weights (multiples of their 2^-e) under a zero-mean quantised Laplace of the group's scale;
 #              latents likewise, or, with a context model, grid by grid (coarse to fine) in `decode_order`, each
@@ -511,7 +530,7 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
 #              Decoding is exact.
 _HEAD = struct.Struct("<4BII")
 _GROUP = struct.Struct("<BI")
-PERIODIC, CONTEXT = 1, 2
+PERIODIC, CONTEXT, GRID_CHANNELS = 1, 2, 4
 MAX_HIDDEN = 4
 MAX_WIDTH = 1024
 MAX_EXPONENT = 24
@@ -573,8 +592,9 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
     grids = [_integers(g[index].detach().cpu().double().numpy()) for g in model.grids]
     weights = _weight_groups(model, index)
     codes = scale_codes(model.grid_scales[index].detach().cpu()).tolist()
-    parts = [_HEAD.pack(arch.channels, PERIODIC * arch.periodic + CONTEXT * arch.context, arch.levels,
-                        len(arch.hidden), arch.width, arch.height),
+    several = arch.grid_channels > 1
+    parts = [_HEAD.pack(arch.channels, PERIODIC * arch.periodic + CONTEXT * arch.context + GRID_CHANNELS * several,
+                        arch.levels, len(arch.hidden), arch.width, arch.height),
              struct.pack(f"<{len(arch.hidden)}HB", *arch.hidden, exponent)]
     encoder = constriction.stream.queue.RangeEncoder()
 
@@ -585,13 +605,16 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
         if top:
             encoder.encode(symbols.ravel(), _laplace(top, code))
 
+    if arch.context:
+        parts.append(struct.pack("<B", context_exponent))
+    if several:
+        parts.append(struct.pack("<B", arch.grid_channels))
     if not arch.context:
         for grid, code in zip(grids, codes):
             factorised(grid, code)
         for symbols in weights:
             factorised(symbols)
     else:
-        parts.append(struct.pack("<B", context_exponent))
         for symbols in weights:
             factorised(symbols)
         context = [torch.from_numpy(w.astype(np.float64)).reshape(shape) for w, shape in  # as context_codes
@@ -620,7 +643,7 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
     try:
         channels, flags, levels, n_hidden, width, height = _HEAD.unpack_from(data, offset)
         offset += _HEAD.size
-        if channels not in (1, 3) or flags > 3 or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN:
+        if channels not in (1, 3) or flags > 7 or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN:
             raise fail(f"bad header: channels {channels}, flags {flags}, {levels} levels, {n_hidden} hidden layers")
         if not 1 <= width * height <= DEFAULT_MAX_PIXELS:
             raise fail(f"bad header: {width}x{height} is not 1 to {DEFAULT_MAX_PIXELS:,} pixels")
@@ -630,13 +653,19 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
         if flags & CONTEXT:
             (context_exponent,) = struct.unpack_from("<B", data, offset)
             offset += 1
+        grid_channels = 1
+        if flags & GRID_CHANNELS:
+            (grid_channels,) = struct.unpack_from("<B", data, offset)
+            offset += 1
+            if not 2 <= grid_channels <= MAX_GRID_CHANNELS:
+                raise fail(f"bad header: {grid_channels} grid channels (2 to {MAX_GRID_CHANNELS} with flag 4)")
         if not all(1 <= h <= MAX_WIDTH for h in hidden) or exponent > MAX_EXPONENT:
             raise fail(f"bad header: hidden widths {hidden} (1 to {MAX_WIDTH}), step exponent {exponent}")
         if context_exponent is not None and not 3 <= context_exponent <= MAX_CONTEXT_EXPONENT:
             raise fail(f"bad header: context step exponent {context_exponent} (3 to {MAX_CONTEXT_EXPONENT})")
         try:
             arch = LatentArchitecture(channels, width, height, levels, tuple(hidden), bool(flags & PERIODIC),
-                                      bool(flags & CONTEXT))
+                                      bool(flags & CONTEXT), grid_channels=grid_channels)
         except ValueError as e:
             raise fail(f"bad header: {e}") from None
         weight_shapes = [s for fi, fo in arch.layer_shapes() for s in ((fi, fo), (fo,))]
@@ -712,8 +741,8 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
             read_weights(groups[: len(weights)])
             read_grids(groups[len(weights) :])
         else:
-            read_grids(groups[:levels])
-            read_weights(groups[levels:])
+            read_grids(groups[: arch.grid_count])
+            read_weights(groups[arch.grid_count :])
     if value_bound(model) > MAX_VALUE:
         raise fail("its latents and weights can drive the network's values past float32's range (overflow)")
     model.exponents, model.context_exponents = [exponent], [context_exponent]

@@ -23,7 +23,7 @@ from .page import esc
 TEXTURE_WIDTH = 1024  # weights live in an R32F texture this many floats wide
 VIEWER_IMAGES = 24  # models one page of a job holds at most (each is its weights, 4 bytes a parameter, in base64)
 # Values one model may bring: as many rows of the texture as every WebGL 2 device holds (a latent pyramid of about
-# 1.5 Mpx); and all of a page's models together (about 85 MB of base64).
+# 1.5 Mpx at one grid per level); and all of a page's models together (about 85 MB of base64).
 MAX_MODEL_VALUES = 2048 * TEXTURE_WIDTH
 MAX_PAGE_VALUES = 8 * MAX_MODEL_VALUES
 
@@ -111,8 +111,8 @@ def shader_source(arch):
 def latent_shader_source(arch):
     """GLSL ES 3.0 fragment shader evaluating a latent pyramid (`latent.LatentNet`) for `arch` at each pixel centre:
     each grid bilinearly interpolated as `latent.sample` does (edge values continue, or the grid wraps), faded by
-    c_k(t), then the MLP (ReLU hidden layers, linear output)."""
-    lines = [*PROLOGUE, f"  float h0[{arch.levels}];"]
+    c_k(t) (k the grid's level), then the MLP (ReLU hidden layers, linear output)."""
+    lines = [*PROLOGUE, f"  float h0[{arch.grid_count}];"]
     base = 0
     for k, (h, w) in enumerate(arch.sizes):
         def index(v, n):  # GLSL's % is undefined for negative ints; mod() of floats is floored
@@ -124,7 +124,8 @@ def latent_shader_source(arch):
                   f"a = {base} + {index('v0', h)} * {w}, b = {base} + {index('v0 + 1.0', h)} * {w};",
                   "    float upper = w(a + l) * (1.0 - fu) + w(a + r) * fu;",
                   "    float lower = w(b + l) * (1.0 - fu) + w(b + r) * fu;",
-                  f"    h0[{k}] = clamp(u_t - {float(k)}, 0.0, 1.0) * (upper * (1.0 - fv) + lower * fv); }}"]
+                  f"    h0[{k}] = clamp(u_t - {float(arch.grid_levels[k])}, 0.0, 1.0) * "
+                  "(upper * (1.0 - fv) + lower * fv); }"]
         base += h * w
     shapes = arch.layer_shapes()
     for j, (fan_in, fan_out) in enumerate(shapes):

@@ -126,7 +126,7 @@ HEAD = len(modelfile.MAGIC) + 4  # the payload's header starts after the magic a
     (HEAD + 4, "<I", 2**31, "is not 1 to"),
     (HEAD + 2, "<B", 12, "too small for 12 levels"),
     (HEAD + 12, "<H", 60000, "hidden widths"),
-    (HEAD + 1, "<B", 4, "flags 4"),
+    (HEAD + 1, "<B", 8, "flags 8"),
     (HEAD + 17, "<B", 2, "context step exponent 2"),  # after two hidden widths and the MLP's exponent
     (HEAD + 17, "<B", 13, "context step exponent 13"),
 ])
@@ -194,6 +194,95 @@ def test_factorised_files_round_trip_exactly():
     assert not loaded.arch.context and loaded.context_exponents == [None]
     for a, b in zip(loaded.parameters(), model.parameters()):
         assert torch.equal(a, b)
+
+
+GRID_ARCH = latent.LatentArchitecture(3, SIZE, SIZE, 4, (8, 8), grid_channels=2)
+
+
+@pytest.fixture(scope="module")
+def two_grids_a_level(fitted):
+    images = fitted[1]
+    model = latent.fit(images, GRID_ARCH, lam=0.002, steps=400)
+    latent.quantise_weights(model, images, lam=0.002)
+    return model, images
+
+
+def test_grid_channels_give_each_level_its_own_grids_and_keep_level_of_detail(two_grids_a_level):
+    model, images = two_grids_a_level
+    sizes = [g.shape[1:] for g in model.grids]
+    assert len(sizes) == 8 and sizes[0::2] == sizes[1::2] == [g.shape[1:] for g in latent.LatentNet(ARCH).grids]
+    assert model.weights[0].shape[1] == 2 * ARCH.levels and all(torch.equal(g, g.round()) for g in model.grids)
+    targets = gaussian_pyramid(images, levels=4)[::-1]
+    for k, target in enumerate(targets):
+        h, w = target.shape[-2:]
+        assert (psnr(render(model, w, h, t=k + 1).clamp(0, 1), target) > 16).all(), k  # zero latents: 11-13 dB
+    before = {t: render(model, 16, 16, t=t) for t in (1, 2, 2.5, 3)}
+    with torch.no_grad():
+        model.grids[7].add_(5.0)  # the finest level's second grid: off below t = 3, as its first is
+        try:
+            assert all(torch.equal(render(model, 16, 16, t=t), frame) for t, frame in before.items())
+            assert not torch.equal(render(model, 16, 16, t=3.5), before[3])
+        finally:
+            model.grids[7].sub_(5.0)
+    with torch.no_grad():
+        model.grids[5].add_(5.0)  # level 2's second grid: in from t = 2 on
+        try:
+            assert torch.equal(render(model, 16, 16, t=2), before[2])
+            assert not torch.equal(render(model, 16, 16, t=2.5), before[2.5])
+        finally:
+            model.grids[5].sub_(5.0)
+
+
+def test_a_file_of_grid_channels_round_trips_exactly_and_one_grid_a_level_is_as_before(fitted, two_grids_a_level):
+    model, _ = two_grids_a_level
+    for index in range(2):
+        data = modelfile.to_bytes(model, META, index=index)
+        loaded, _ = modelfile.from_bytes(data)
+        assert loaded.arch == GRID_ARCH and data[HEAD + 1] & latent.GRID_CHANNELS
+        for a, b in zip(loaded.parameters(), model.parameters(), strict=True):
+            assert torch.equal(a[0], b[index])
+        assert torch.equal(render(loaded, 24, 20, t=2.5, window=(-1.5, -1, 0.5, 1)),
+                           render(model, 24, 20, t=2.5, window=(-1.5, -1, 0.5, 1))[index : index + 1])
+    # One grid a level: no flag and no count byte, so files written before grid channels read the same
+    one = modelfile.to_bytes(fitted[0], META)
+    assert not one[HEAD + 1] & latent.GRID_CHANNELS
+    assert len(modelfile.to_bytes(model, META)) > len(one)  # twice the latents cost more bytes
+    data = modelfile.to_bytes(model, META)
+    for count in (0, 1, 5, 255):  # the count follows the MLP's and the context model's step exponents
+        with pytest.raises(modelfile.ModelFileError, match=f"bad header: {count} grid channels"):
+            modelfile.from_bytes(_edited(data, HEAD + 18, "<B", count))
+
+
+def test_grid_channels_in_a_factorised_file_a_batch_and_a_config():
+    from mrnet_core.config import ConfigError, make_config
+    from mrnet_core.encode import encode
+    arch = latent.LatentArchitecture(3, SIZE, SIZE, 4, (8,), context=False, grid_channels=3)
+    image = sample("astronaut.png", SIZE)[None]
+    model = latent.fit(image, arch, lam=0.002, steps=100)
+    latent.quantise_weights(model, image, lam=0.002)
+    loaded, _ = modelfile.from_bytes(modelfile.to_bytes(model, META))
+    assert loaded.arch == arch
+    for a, b in zip(loaded.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # A batch fits each image as it would be fitted alone
+    pair = torch.cat([image, image.flip(-1)])
+    together = latent.fit(pair, arch, lam=0.002, steps=60)
+    alone = latent.fit(pair[1:], arch, lam=0.002, steps=60)
+    assert torch.allclose(together.on_pixels(SIZE, SIZE)[1], alone.on_pixels(SIZE, SIZE)[0], atol=1e-3)
+    # The config's key: g only, 1 to 4, out of the config id at 1
+    cfg = make_config("default", {"levels": 4, "max_epochs": [50], "grid_channels": 2}, model="g")
+    assert cfg.latent_architecture(3, 64, 64).grid_channels == 2 and cfg.to_dict()["grid_channels"] == 2
+    assert "grid_channels" not in make_config("default", {}, model="g").to_dict()
+    records, blobs = encode(sample("coffee.png", 32)[None], cfg, device="cpu")
+    assert modelfile.from_bytes(blobs[0])[0].arch.grid_channels == 2 and records[0].bpp == pytest.approx(
+        8 * len(blobs[0]) / (32 * 21), abs=1e-4)
+    with pytest.raises(ConfigError, match="grid_channels: must be an integer from 1 to 4"):
+        make_config("default", {"grid_channels": 5}, model="g")
+    with pytest.raises(ConfigError, match="grid_channels: only a latent pyramid"):
+        make_config("default", {"grid_channels": 2})
+    with pytest.raises(latent.TooLarge, match="over a latent pyramid's limit"):
+        latent.LatentArchitecture(3, 2000, 2000, 2, grid_channels=4)  # 20 M latents; one grid a level holds 5 M
+    latent.LatentArchitecture(3, 2000, 2000, 2, grid_channels=1)
 
 
 def test_the_context_model_reads_only_latents_decoded_before():
@@ -288,10 +377,11 @@ def test_extreme_latents_and_context_weights_decode_exactly():
         modelfile.to_bytes(model, modelfile.ImageMeta(16, 16, 1, 2))
 
 
-def test_random_damage_behind_a_recomputed_checksum_is_an_error_or_a_finite_model(fitted):
+@pytest.mark.parametrize("made", ["fitted", "two_grids_a_level"])
+def test_random_damage_behind_a_recomputed_checksum_is_an_error_or_a_finite_model(request, made):
     # A forger can recompute the CRC: then every byte is hostile, and the reader must still end in a ModelFileError
     # or a model whose frames are finite numbers, never another exception.
-    data = modelfile.to_bytes(fitted[0], META)
+    data = modelfile.to_bytes(request.getfixturevalue(made)[0], META)
     generator = torch.Generator().manual_seed(0)
     outcomes = {"error": 0, "model": 0}
     for _ in range(300):

@@ -143,6 +143,11 @@ def test_choosing_a_prior_for_latent_pyramids(latent_prior, tmp_path):
     assert chosen.prior_id == latent_prior.prior_id
     with pytest.raises(ConfigError, match="no start for latent pyramids of 4 levels, hidden widths \\[16, 16\\]"):
         choose_prior(make_config("default", {"prior": str(path), "levels": 4}, model="g"))
+    # A start has one grid per level: none for two, though levels, widths and entropy model match
+    two = make_config("default", {"prior": str(path), "levels": 4, "hidden": [8], "grid_channels": 2}, model="g")
+    with pytest.raises(ConfigError, match=r"hidden widths \[8, 8\], 2 grid\(s\) per level"):
+        choose_prior(two)
+    assert latent_prior.latent_start(two.latent_architecture(3, 32, 32)) is None
     mnet = tmp_path / "m.mrprior"
     priors.save(mnet, priors.from_model(__import__("mrnet_core.network", fromlist=["MRNet"]).MRNet(
         make_config("fast").architecture(3)), {"epochs": 1, "lr": 1e-3, "batch_pixels": 64}))

@@ -42,9 +42,9 @@ def test_max_batch_is_the_largest_that_fits():
     assert max_batch(cfg, 3, 128, 128, 1 << 60, limit=256) == 256
 
 
-@pytest.mark.parametrize("size, levels", [(32, 4), (64, 5)])
-def test_the_estimate_bounds_the_measured_peak_of_a_latent_pyramid_encode(size, levels):
-    cfg = make_config("default", {"max_epochs": [3], "levels": levels}, model="g")
+@pytest.mark.parametrize("size, levels, grid_channels", [(32, 4, 1), (64, 5, 1), (64, 5, 4)])
+def test_the_estimate_bounds_the_measured_peak_of_a_latent_pyramid_encode(size, levels, grid_channels):
+    cfg = make_config("default", {"max_epochs": [3], "levels": levels, "grid_channels": grid_channels}, model="g")
     batch = torch.rand(3, 3, size, size)
     measured = peak_allocated_bytes(lambda: encode(batch, cfg, device="cpu"))
     estimate = encode_memory_bytes(cfg, 3, size, size, batch=3)
