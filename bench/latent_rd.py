@@ -3,7 +3,7 @@ render times, and each photo's BD-rate against each codec over the rates. Prints
 
     python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
         (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context] \\
-        [--prior auto|none|FILE] [--coarse-weight W] [--grid-channels G]
+        [--prior auto|none|FILE] [--coarse-weight W] [--grid-channels G|G,G,..] [--seed S]
 
 Every photo is resized so that its short side is --size and centre-cropped to a square, so that all of them are
 fitted together in one batch (`encode.encode`, as an encode job's actor does); times are the batch's, shared.
@@ -47,6 +47,11 @@ def fits(epochs, steps):
     return 1 + (epochs - steps) // refit_steps(steps)
 
 
+def counts(text: str) -> list[int]:
+    """A comma-separated list of counts (argparse reports a ValueError as an invalid value)."""
+    return [int(n) for n in text.split(",")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", nargs="+", required=True)
@@ -60,7 +65,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--entropy", default="context", choices=("context", "factorised"))
     parser.add_argument("--coarse-weight", type=float, help="the config's coarse_weight (default: its default)")
-    parser.add_argument("--grid-channels", type=int, default=1, help="grids per level (the config's grid_channels)")
+    parser.add_argument("--grid-channels", type=counts, default=[1],
+                        help="grids per level (the config's grid_channels): one count, or comma-separated per level, "
+                             "finest-aligned as the config's per-stage lists")
+    parser.add_argument("--seed", type=int, default=0, help="the config's seed: the draw every fit starts from")
     parser.add_argument("--prior", default="auto", help="where fits start: auto (the shipped start when it fits the "
                                                         "config), none (a random draw) or a prior file")
     args = parser.parse_args()
@@ -75,7 +83,7 @@ def main():
     key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
     for value in (float(v) for v in values.split(",")):
         overrides = {key: value, "max_epochs": [args.steps], "levels": args.levels, "entropy": args.entropy,
-                     "prior": args.prior, "grid_channels": args.grid_channels,
+                     "prior": args.prior, "seed": args.seed, "grid_channels": args.grid_channels,
                      **({"hidden": [args.hidden]} if args.hidden else {}),
                      **({"coarse_weight": args.coarse_weight} if args.coarse_weight is not None else {})}
         cfg = make_config("default", overrides, model="g")

@@ -52,7 +52,7 @@ class Bound:
         return f"{kind} above {low} and at most {high}" if self.above_low else f"{kind} from {low} to {high}"
 
 
-# Per-stage keys (first, hidden, omega_0, lr, max_epochs) hold a list; each entry is checked.
+# Per-stage keys (first, hidden, omega_0, lr, max_epochs, grid_channels) hold a list; each entry is checked.
 BOUNDS = {
     "levels": Bound(int, 1, MAX_LEVELS),
     "first": Bound(int, 1, MAX_WIDTH),
@@ -77,7 +77,7 @@ BOUNDS = {
     "coarse_weight": Bound(float, 0, 1),
     "grid_channels": Bound(int, 1, MAX_GRID_CHANNELS),
 }
-PER_STAGE = ("first", "hidden", "omega_0", "lr", "max_epochs")
+PER_STAGE = ("first", "hidden", "omega_0", "lr", "max_epochs", "grid_channels")
 
 
 def _show(value):
@@ -157,13 +157,16 @@ class FitConfig:
     # Latent pyramids only: the latents' probability model, "context" (a small network over the latents decoded before,
     # in the file) or "factorised" (one Laplace per grid).
     entropy: str = "context"
-    # Latent pyramids only: grids per level of detail (the MLP reads levels x grid_channels inputs).
-    grid_channels: int = 1
+    # Latent pyramids only: grids per level of detail, per stage like `hidden` (the MLP reads one input per grid): 2
+    # gives every level two grids, [2, 1, 1] the coarser levels two and the finest two levels one.
+    grid_channels: tuple = (1,)
 
     def validate(self) -> "FitConfig":
         """This config with every number checked against BOUNDS (per-stage keys as tuples), and the keys checked
         together; ConfigError naming the key, the value and what is allowed otherwise."""
         checked = {key: _checked(key, getattr(self, key)) for key in BOUNDS}
+        if len(set(checked["grid_channels"])) == 1:  # [2, 2] is 2: one model, one config id
+            checked["grid_channels"] = checked["grid_channels"][:1]
         cfg = replace(self, **checked)
         choices = {"model": MODELS, "target": ("gaussian", "laplacian"), "border": ("reflect", "wrap"),
                    "weight_bits": (32, 16, 8, 7, 6, 5, 4, 3, 2), "entropy": ("context", "factorised")}
@@ -178,9 +181,9 @@ class FitConfig:
             raise ConfigError(f"periodic: must be true or false, not {_show(cfg.periodic)}")
         if cfg.model == "g":
             return cfg._validate_latent()
-        if cfg.grid_channels != 1:
+        if cfg.grid_channels != (1,):
             raise ConfigError(f"grid_channels: only a latent pyramid (model g) has grids; leave it at 1 for "
-                              f"{MODELS[cfg.model]}, not {cfg.grid_channels}")
+                              f"{MODELS[cfg.model]}, not {_show(list(cfg.grid_channels))}")
         if cfg.periodic and cfg.weight_bits <= 8:
             raise ConfigError("weight_bits: periodic models keep float weights (32 or 16): their frequencies stay "
                               "integers")
@@ -222,7 +225,7 @@ class FitConfig:
     def latent_architecture(self, channels: int, height: int, width: int) -> LatentArchitecture:
         """The latent pyramid (model "g") of this config for an image of height x width."""
         return LatentArchitecture(channels, width, height, self.levels, self.latent_hidden(), self.periodic,
-                                  self.entropy == "context", grid_channels=self.grid_channels)
+                                  self.entropy == "context", grid_channels=tuple(self.per_stage("grid_channels")))
 
     def latent_hidden(self) -> tuple:
         """A latent pyramid's MLP widths: hidden_layers layers of the finest `hidden`."""
@@ -252,8 +255,10 @@ class FitConfig:
         # Keys at the value they had before they were keys: left out, so the ids of earlier jobs stay.
         if self.coarse_weight == 0.1:
             del out["coarse_weight"]
-        if self.grid_channels == 1:
+        if self.grid_channels == (1,):
             del out["grid_channels"]
+        elif len(self.grid_channels) == 1:  # one count for every level, as the key was written before lists
+            out["grid_channels"] = self.grid_channels[0]
         return out
 
 

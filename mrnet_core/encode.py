@@ -307,10 +307,11 @@ def choose_prior(cfg: FitConfig, channels: int = 3) -> Prior | None:
     rate_controlled = bool(cfg.target_bpp or cfg.target_psnr)
     if cfg.model == "g":  # a start for the config's levels, widths and entropy model (any image size)
         hidden = cfg.latent_hidden()
-        shape = (cfg.levels, hidden, cfg.entropy == "context", cfg.grid_channels)
+        grids = cfg.per_stage("grid_channels")
+        shape = (cfg.levels, hidden, cfg.entropy == "context", sum(grids))
         problem = None if chosen.has_latent_start(*shape) else (
             f"prior {chosen.prior_id} has no start for latent pyramids of {cfg.levels} levels, hidden widths "
-            f"{list(hidden)}, {cfg.grid_channels} grid(s) per level and the {cfg.entropy} entropy model")
+            f"{list(hidden)}, grids per level {grids} and the {cfg.entropy} entropy model")
     elif rate_controlled:
         bits_cfg = replace(cfg, weight_bits=min(cfg.weight_bits, 8))
         problem = None if prior_rungs(bits_cfg, chosen) else (
@@ -407,7 +408,7 @@ def encode_in_batches(images: torch.Tensor, cfg: FitConfig, device: str | torch.
                                        f"config; the device offers {memory_bytes / 2**30:.2f} GiB")
         return [failure] * b
     if cfg.model == "g" and devices.resolve(device).type == "cpu":  # a wider MLP (or more grids) fills the cache sooner
-        pixels = LATENT_CPU_BATCH_PIXELS * 16 // max(16, cfg.levels * cfg.grid_channels, *cfg.latent_hidden())
+        pixels = LATENT_CPU_BATCH_PIXELS * 16 // max(16, sum(cfg.per_stage("grid_channels")), *cfg.latent_hidden())
         limit = min(limit, max(1, pixels // (h * w)))
     results = [None] * b
     # As even as the limit allows: a batch of 7 at a limit of 6 runs as 4 and 3, not 6 and a slow 1.

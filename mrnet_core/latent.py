@@ -8,7 +8,8 @@ Grid k (k = 0 coarsest, ..., N-1 finest) holds one value per pixel of level k of
 where z_k(x) is grid k bilinearly interpolated at the point x of the domain [-1, 1]^2 (wrapped around for periodic
 textures) and the MLP has ReLU hidden layers and a linear output. Like an MR-Net's stages, t = k shows level k from
 the coarsest k grids alone, fractional t blends, and f can be drawn at any size and window (`render.render`). With
-`grid_channels` G above 1, each level has G grids of its size, all faded by its c_k(t), and the MLP reads N x G.
+`grid_channels` G above 1, each level has G grids of its size, all faded by its c_k(t), and the MLP reads N x G; G
+may also be one count per level (say more grids at the coarse levels, whose grids are small).
 
 Where an MR-Net keeps the image in its weights, this keeps it in the latents, which entropy-code far better: they
 are trained for it, under a rate-distortion loss (`fit`): every level's squared error plus `lam` times the latents'
@@ -62,38 +63,57 @@ class LatentArchitecture:
     periodic: bool = False  # grids wrap around: the image tiles the plane with period 2
     context: bool = True  # the latents' probabilities come from a context model (below); False: a Laplace per grid
     model: str = "g"
-    grid_channels: int = 1  # grids per level, all of its resolution: the MLP reads levels x grid_channels inputs
+    # Grids per level, all of its resolution: one count for every level, or a tuple of one per level, coarse to fine
+    # (held as one int when they are all equal, so that equal architectures compare and serialise equal).
+    grid_channels: int | tuple = 1
 
     def __post_init__(self):
         if self.channels < 1 or not self.hidden or any(w < 1 for w in self.hidden):
             raise ValueError(f"channels and hidden widths must be positive, not {self.channels}, {self.hidden}")
-        if not 1 <= self.grid_channels <= MAX_GRID_CHANNELS:
+        counts = self.grid_channels
+        if isinstance(counts, (tuple, list)):
+            if len(counts) != self.levels:
+                raise ValueError(f"grid channels must be one count or {self.levels} (one per level), not {counts}")
+            counts = tuple(counts)
+            object.__setattr__(self, "grid_channels", counts[0] if len(set(counts)) == 1 else counts)
+        if not all(1 <= n <= MAX_GRID_CHANNELS for n in self.level_grids):
             raise ValueError(f"grid channels must be 1 to {MAX_GRID_CHANNELS}, not {self.grid_channels}")
         sizes = self.sizes  # ValueError when too small for the levels
         latents = sum(h * w for h, w in sizes)
         if latents > MAX_LATENTS:
+            fits = MAX_LATENTS * self.width * self.height / latents / 1e6  # Mpx at this image's latents per pixel
             raise TooLarge(f"a {self.width}x{self.height} image's {self.grid_count} grids hold {latents:,} latents, "
-                           f"over a latent pyramid's limit of {MAX_LATENTS:,} (about {12.5 / self.grid_channels:.3g} "
-                           "Mpx); use --size")
+                           f"over a latent pyramid's limit of {MAX_LATENTS:,} (about {fits:.3g} Mpx); use --size")
         steps = sum(3 * (h - 1) + w for h, w in sizes)  # wavefronts (`decode_order`): a bound on a decode's time
         if self.context and steps > MAX_DECODE_STEPS:
             raise TooLarge(f"a {self.width}x{self.height} image's grids take {steps:,} steps to decode, over the "
                            f"limit of {MAX_DECODE_STEPS:,} (a long, thin image); use entropy = \"factorised\"")
 
     @property
+    def level_grids(self) -> tuple[int, ...]:
+        """Grids per level, coarse to fine."""
+        counts = self.grid_channels
+        return counts if isinstance(counts, tuple) else (counts,) * self.levels
+
+    @property
+    def level_shapes(self) -> list[tuple[int, int]]:
+        """(height, width) of each level of detail, coarse to fine."""
+        return level_sizes(self.height, self.width, levels=self.levels)[::-1]
+
+    @property
     def sizes(self) -> list[tuple[int, int]]:
-        """(height, width) of each grid, coarse to fine: a level's `grid_channels` grids one after another."""
-        sizes = level_sizes(self.height, self.width, levels=self.levels)[::-1]
-        return [sizes[k] for k in self.grid_levels]
+        """(height, width) of each grid, coarse to fine: a level's grids one after another."""
+        shapes = self.level_shapes
+        return [shapes[k] for k in self.grid_levels]
 
     @property
     def grid_levels(self) -> list[int]:
         """The level of each grid: its size, and the c_k(t) that fades it."""
-        return [k for k in range(self.levels) for _ in range(self.grid_channels)]
+        return [k for k, n in enumerate(self.level_grids) for _ in range(n)]
 
     @property
     def grid_count(self) -> int:
-        return self.levels * self.grid_channels
+        return sum(self.level_grids)
 
     def layer_shapes(self) -> list[tuple[int, int]]:
         widths = [self.grid_count, *self.hidden, self.channels]
@@ -356,7 +376,7 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
     levels = [(g.shape[-2:], g.flatten(2), k) for k, g in enumerate(targets)]  # target [B, C, P]
     counts = [target.shape[2] for _, target, _ in levels]
-    per_level = arch.grid_channels
+    ends = np.cumsum(arch.level_grids).tolist()  # level k reads grids 0 to ends[k] - 1
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device).expand(b).clone()
     for step in range(steps):
@@ -372,8 +392,8 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
             latents = [g + (torch.round(g) - g).detach() for g in model.grids]
         # Every level's pixels through the MLP in one pass, which runs faster than one pass per level. Level k is
         # t = k + 1: the grids of levels 0 to k at full weight, the finer ones faded out (inputs 0, not interpolated).
-        features = torch.cat([F.pad(model.pixel_features(*size, latents[: (k + 1) * per_level]),
-                                    (0, 0, 0, (arch.levels - k - 1) * per_level)) for size, _, k in levels], dim=2)
+        features = torch.cat([F.pad(model.pixel_features(*size, latents[: ends[k]]),
+                                    (0, 0, 0, arch.grid_count - ends[k])) for size, _, k in levels], dim=2)
         errors = [(out - target).square().mean(dim=(1, 2))  # [B] per level
                   for out, (_, target, _) in zip(model.mlp(features).split(counts, dim=2), levels)]
         loss = sum(errors[:-1]) * coarse_weight + errors[-1]
@@ -515,10 +535,12 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
 
 # The payload of a model file of version `modelfile.LATENT_VERSION` (the envelope, version and checksum are
 # modelfile.py's). All numbers little-endian:
-#     header   channels, flags (1: periodic, 2: context model, 4: grid channels), level count, hidden-layer count:
-#              four uint8; width, height: uint32; hidden widths: uint16 each; the MLP's step exponent e: uint8; with a
-#              context model, its step exponent: uint8; with flag 4, grids per level (2 to MAX_GRID_CHANNELS): uint8
-#              (without it, one, so files of one grid per level are as they were before the flag)
+#     header   channels, flags (1: periodic, 2: context model, 4: grid channels, 8: grid channels per level), level
+#              count, hidden-layer count: four uint8; width, height: uint32; hidden widths: uint16 each; the MLP's
+#              step exponent e: uint8; with a context model, its step exponent: uint8; with flag 4, grids per level (2
+#              to MAX_GRID_CHANNELS): uint8; with flag 8 (never with 4), each level's grids, coarse to fine (1 to
+#              MAX_GRID_CHANNELS, not all equal): uint8 each. Without either, one a level, so files of one grid per
+#              level are as they were before the flags.
 #     groups   per group its Laplace scale code (uint8) and its largest |symbol| (uint32), in the order they are
 #              coded: without a context model the grids coarse to fine (a level's one after another), then each
 #              layer's weight [fan_in, fan_out] and bias; with one, each layer's weight and bias, the context model's,
@@ -530,7 +552,7 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
 #              Decoding is exact.
 _HEAD = struct.Struct("<4BII")
 _GROUP = struct.Struct("<BI")
-PERIODIC, CONTEXT, GRID_CHANNELS = 1, 2, 4
+PERIODIC, CONTEXT, GRID_CHANNELS, LEVEL_GRIDS = 1, 2, 4, 8
 MAX_HIDDEN = 4
 MAX_WIDTH = 1024
 MAX_EXPONENT = 24
@@ -592,9 +614,10 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
     grids = [_integers(g[index].detach().cpu().double().numpy()) for g in model.grids]
     weights = _weight_groups(model, index)
     codes = scale_codes(model.grid_scales[index].detach().cpu()).tolist()
-    several = arch.grid_channels > 1
-    parts = [_HEAD.pack(arch.channels, PERIODIC * arch.periodic + CONTEXT * arch.context + GRID_CHANNELS * several,
-                        arch.levels, len(arch.hidden), arch.width, arch.height),
+    per_level = isinstance(arch.grid_channels, tuple)
+    several = not per_level and arch.grid_channels > 1
+    flags = PERIODIC * arch.periodic + CONTEXT * arch.context + GRID_CHANNELS * several + LEVEL_GRIDS * per_level
+    parts = [_HEAD.pack(arch.channels, flags, arch.levels, len(arch.hidden), arch.width, arch.height),
              struct.pack(f"<{len(arch.hidden)}HB", *arch.hidden, exponent)]
     encoder = constriction.stream.queue.RangeEncoder()
 
@@ -609,6 +632,8 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
         parts.append(struct.pack("<B", context_exponent))
     if several:
         parts.append(struct.pack("<B", arch.grid_channels))
+    if per_level:
+        parts.append(struct.pack(f"<{arch.levels}B", *arch.grid_channels))
     if not arch.context:
         for grid, code in zip(grids, codes):
             factorised(grid, code)
@@ -640,10 +665,12 @@ def _context_shapes() -> list[tuple[int, ...]]:
 
 def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) -> LatentNet:
     """The model (batch 1) of a payload at data[offset:end]; `fail(reason)` makes the error for anything wrong."""
+    data = memoryview(data)[:end]  # a header cut short is truncated, not read on into the bytes after the payload
     try:
         channels, flags, levels, n_hidden, width, height = _HEAD.unpack_from(data, offset)
         offset += _HEAD.size
-        if channels not in (1, 3) or flags > 7 or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN:
+        if (channels not in (1, 3) or flags > 15 or flags & GRID_CHANNELS and flags & LEVEL_GRIDS
+                or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN):
             raise fail(f"bad header: channels {channels}, flags {flags}, {levels} levels, {n_hidden} hidden layers")
         if not 1 <= width * height <= DEFAULT_MAX_PIXELS:
             raise fail(f"bad header: {width}x{height} is not 1 to {DEFAULT_MAX_PIXELS:,} pixels")
@@ -659,6 +686,12 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
             offset += 1
             if not 2 <= grid_channels <= MAX_GRID_CHANNELS:
                 raise fail(f"bad header: {grid_channels} grid channels (2 to {MAX_GRID_CHANNELS} with flag 4)")
+        if flags & LEVEL_GRIDS:
+            grid_channels = struct.unpack_from(f"<{levels}B", data, offset)
+            offset += levels
+            if not all(1 <= n <= MAX_GRID_CHANNELS for n in grid_channels) or len(set(grid_channels)) == 1:
+                raise fail(f"bad header: grid channels per level {list(grid_channels)} (1 to {MAX_GRID_CHANNELS}, "
+                           "not all equal)")
         if not all(1 <= h <= MAX_WIDTH for h in hidden) or exponent > MAX_EXPONENT:
             raise fail(f"bad header: hidden widths {hidden} (1 to {MAX_WIDTH}), step exponent {exponent}")
         if context_exponent is not None and not 3 <= context_exponent <= MAX_CONTEXT_EXPONENT:

@@ -90,11 +90,12 @@ def _latent(cfg: FitConfig, channels, height, width, batch):
     grid's interpolation, the MLP's activations and their gradients, and per image the latents with Adam's state;
     measuring then holds what `_measure` counts for an MR-Net (the renders and SSIM's filtered images)."""
     arch = cfg.latent_architecture(channels, height, width)
-    pixels = [h * w for h, w in arch.sizes[:: arch.grid_channels]]  # per level
+    pixels = [h * w for h, w in arch.level_shapes]  # per level
+    latents = sum(h * w for h, w in arch.sizes)
     context = 16 if arch.context else 0  # per latent: the context model's inputs, hidden units, outputs (13 measured)
-    per_pixel = 10 * arch.grid_count + 3 * sum(arch.hidden) + 4 * channels + context * arch.grid_channels
+    per_pixel = 10 * arch.grid_count + 3 * sum(arch.hidden) + 4 * channels
     state = 6 * arch.params()  # values, gradients, Adam's two moments, the noisy copies and their rounding
-    fit = batch * (sum(pixels) * per_pixel + state)
+    fit = batch * (sum(pixels) * per_pixel + context * latents + state)
     measure = batch * (24 * channels * pixels[-1] + channels * sum(pixels) + 6 * arch.params())
     return max(fit, measure) + 2 * sum(pixels)
 

@@ -101,16 +101,17 @@ class Prior:
             out[end - 2], out[end - 1] = _grey(out[end - 2], out[end - 1])
         return out
 
-    def has_latent_start(self, levels: int, hidden: tuple, context: bool, grid_channels: int = 1) -> bool:
-        """Whether this prior holds a start for latent pyramids of this shape (a start has one grid per level)."""
+    def has_latent_start(self, levels: int, hidden: tuple, context: bool, grids: int) -> bool:
+        """Whether this prior holds a start for latent pyramids of this shape, `grids` grids in all (a start has one
+        grid per level)."""
         shape = (levels, tuple(hidden), context)
-        return self.latent is not None and grid_channels == 1 and (
+        return self.latent is not None and grids == levels and (
             self.latent["levels"], tuple(self.latent["hidden"]), self.latent["context"]) == shape
 
     def latent_start(self, arch: LatentArchitecture) -> list[torch.Tensor] | None:
         """The start for latent pyramids of `arch` (RGB, or grey: output layer mixed to one channel), or None when
         this prior has none of its levels, hidden widths and entropy model (a start has one grid per level)."""
-        if not self.has_latent_start(arch.levels, arch.hidden, arch.context, arch.grid_channels):
+        if not self.has_latent_start(arch.levels, arch.hidden, arch.context, arch.grid_count):
             return None
         if arch.channels == 3:
             return self.latent_weights

@@ -1,5 +1,6 @@
 """Latent pyramids ("g"): fitting, level of detail, periodic grids, and exact, bounded, checksummed files."""
 import math
+import re
 import struct
 
 import numpy as np
@@ -108,11 +109,16 @@ def test_a_batch_fits_each_image_as_well_as_alone(fitted):
         assert abs(float(single - together[i])) < 0.05, (i, float(single), float(together[i]))
 
 
-def _edited(data, offset, fmt, value):
-    """A model file with the field of struct format `fmt` at `offset` set to `value`, checksum recomputed."""
-    import zlib
+def _edited(data, offset, fmt, *values):
+    """A model file with the field of struct format `fmt` at `offset` set to `values`, checksum recomputed."""
     body = bytearray(data[: -4])
-    struct.pack_into(fmt, body, offset, value)
+    struct.pack_into(fmt, body, offset, *values)
+    return _sealed(body)
+
+
+def _sealed(body):
+    """A model file of `body` and its checksum."""
+    import zlib
     return bytes(body) + struct.pack("<I", zlib.crc32(body))
 
 
@@ -126,7 +132,7 @@ HEAD = len(modelfile.MAGIC) + 4  # the payload's header starts after the magic a
     (HEAD + 4, "<I", 2**31, "is not 1 to"),
     (HEAD + 2, "<B", 12, "too small for 12 levels"),
     (HEAD + 12, "<H", 60000, "hidden widths"),
-    (HEAD + 1, "<B", 8, "flags 8"),
+    (HEAD + 1, "<B", 16, "flags 16"),
     (HEAD + 17, "<B", 2, "context step exponent 2"),  # after two hidden widths and the MLP's exponent
     (HEAD + 17, "<B", 13, "context step exponent 13"),
 ])
@@ -283,6 +289,95 @@ def test_grid_channels_in_a_factorised_file_a_batch_and_a_config():
     with pytest.raises(latent.TooLarge, match="over a latent pyramid's limit"):
         latent.LatentArchitecture(3, 2000, 2000, 2, grid_channels=4)  # 20 M latents; one grid a level holds 5 M
     latent.LatentArchitecture(3, 2000, 2000, 2, grid_channels=1)
+
+
+LEVEL_GRIDS_ARCH = latent.LatentArchitecture(3, SIZE, SIZE, 4, (8, 8), grid_channels=(3, 2, 1, 1))
+
+
+def test_grid_channels_per_level_fit_each_level_from_its_own_grids(fitted):
+    arch = LEVEL_GRIDS_ARCH
+    assert arch.grid_levels == [0, 0, 0, 1, 1, 2, 3] and arch.grid_count == 7
+    assert latent.LatentArchitecture(3, SIZE, SIZE, 4, (8, 8), grid_channels=[2] * 4) == GRID_ARCH  # one count
+    for bad in ((2, 1, 1), (0, 1, 1, 1), (1, 1, 1, 5)):
+        with pytest.raises(ValueError, match="grid channels"):
+            latent.LatentArchitecture(3, SIZE, SIZE, 4, (8, 8), grid_channels=bad)
+    images = fitted[1]
+    model = latent.fit(images, arch, lam=0.002, steps=400)
+    latent.quantise_weights(model, images, lam=0.002)
+    # Each level was fitted from its own grids and the coarser ones: the render at t = k + 1 is level k
+    for k, target in enumerate(gaussian_pyramid(images, levels=4)[::-1]):
+        h, w = target.shape[-2:]
+        assert (psnr(render(model, w, h, t=k + 1).clamp(0, 1), target) > 16).all(), k  # zero latents: 11-13 dB
+    before = {t: render(model, 16, 16, t=t) for t in (0.5, 1, 1.5, 2)}
+    with torch.no_grad():
+        model.grids[4].add_(5.0)  # level 1's second grid: off up to t = 1, in past it
+        try:
+            assert torch.equal(render(model, 16, 16, t=1), before[1])
+            assert not torch.equal(render(model, 16, 16, t=1.5), before[1.5])
+        finally:
+            model.grids[4].sub_(5.0)
+        model.grids[2].add_(5.0)  # level 0's third grid: in from t = 0
+        try:
+            assert not torch.equal(render(model, 16, 16, t=0.5), before[0.5])
+        finally:
+            model.grids[2].sub_(5.0)
+    # The file: flag 8 and a count per level after the step exponents; decoding is exact
+    data = modelfile.to_bytes(model, META, index=1)
+    assert data[HEAD + 1] & latent.LEVEL_GRIDS and not data[HEAD + 1] & latent.GRID_CHANNELS
+    assert struct.unpack_from("<4B", data, HEAD + 18) == (3, 2, 1, 1)
+    loaded, _ = modelfile.from_bytes(data)
+    assert loaded.arch == arch
+    for a, b in zip(loaded.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a[0], b[1])
+    for count in (0, 5, 255):
+        with pytest.raises(modelfile.ModelFileError, match="bad header: grid channels per level"):
+            modelfile.from_bytes(_edited(data, HEAD + 19, "<B", count))
+    with pytest.raises(modelfile.ModelFileError, match=r"per level \[1, 1, 1, 1\] \(1 to 4, not all equal"):
+        modelfile.from_bytes(_edited(data, HEAD + 18, "<4B", 1, 1, 1, 1))  # one form per model: flag 4, or none
+    with pytest.raises(modelfile.ModelFileError, match="truncated header"):  # not the checksum read as counts
+        modelfile.from_bytes(_sealed(data[: HEAD + 20]))
+    with pytest.raises(modelfile.ModelFileError, match="bad header: channels 3, flags 14"):  # 4 and 8 together
+        modelfile.from_bytes(_edited(data, HEAD + 1, "<B", 14))
+    with pytest.raises(modelfile.ModelFileError, match="bad header: channels 3, flags 18"):
+        modelfile.from_bytes(_edited(data, HEAD + 1, "<B", 18))
+
+
+def test_grid_channels_per_level_in_a_factorised_file_a_batch_and_a_config():
+    from mrnet_core.config import ConfigError, make_config
+    arch = latent.LatentArchitecture(3, SIZE, SIZE, 4, (8,), context=False, grid_channels=(1, 2, 2, 1))
+    image = sample("astronaut.png", SIZE)[None]
+    pair = torch.cat([image, image.flip(-1)])
+    together = latent.fit(pair, arch, lam=0.002, steps=60)
+    alone = latent.fit(pair[1:], arch, lam=0.002, steps=60)
+    assert torch.allclose(together.on_pixels(SIZE, SIZE)[1], alone.on_pixels(SIZE, SIZE)[0], atol=1e-3)
+    latent.quantise_weights(together, pair, lam=0.002)
+    loaded, _ = modelfile.from_bytes(modelfile.to_bytes(together, META, index=1))
+    assert loaded.arch == arch
+    for a, b in zip(loaded.parameters(), together.parameters(), strict=True):
+        assert torch.equal(a[0], b[1])
+    # The config's key is per stage like `hidden`: finest-aligned, the coarser levels repeat the first entry
+    cfg = make_config("default", {"levels": 4, "grid_channels": [2, 1]}, model="g")
+    assert cfg.latent_architecture(3, 64, 64).grid_channels == (2, 2, 2, 1)
+    assert cfg.to_dict()["grid_channels"] == [2, 1]
+    assert "grid_channels" not in make_config("default", {"grid_channels": [1, 1]}, model="g").to_dict()
+    same = make_config("default", {"grid_channels": [2, 2]}, model="g")  # [2, 2] is 2: one model, one config id
+    assert same == make_config("default", {"grid_channels": 2}, model="g") and same.to_dict()["grid_channels"] == 2
+    assert make_config("default", {"levels": 2, "grid_channels": [3, 2, 2]}, model="g").latent_architecture(
+        3, 64, 64).grid_channels == 2
+    with pytest.raises(ConfigError, match="grid_channels: must be an integer from 1 to 4, not 0"):
+        make_config("default", {"grid_channels": [2, 0]}, model="g")
+    with pytest.raises(ConfigError, match="grid_channels: must be a list of 1 to 16 entries"):
+        make_config("default", {"grid_channels": [1] * 17}, model="g")
+    with pytest.raises(ConfigError, match=r"grid_channels: only a latent pyramid .* not \[1, 2\]"):
+        make_config("default", {"grid_channels": [1, 2]})
+    make_config("default", {"grid_channels": [1, 1]})
+    # The size limit's hint is this architecture's: a square of about that many pixels fits, a little more does not
+    with pytest.raises(latent.TooLarge, match=r"about ([\d.]+) Mpx") as refused:
+        latent.LatentArchitecture(3, 2800, 2800, 4, grid_channels=(4, 4, 4, 1))
+    side = math.sqrt(float(re.search(r"about ([\d.]+) Mpx", str(refused.value))[1]) * 1e6)
+    latent.LatentArchitecture(3, int(side * 0.99), int(side * 0.99), 4, grid_channels=(4, 4, 4, 1))
+    with pytest.raises(latent.TooLarge):
+        latent.LatentArchitecture(3, int(side * 1.01), int(side * 1.01), 4, grid_channels=(4, 4, 4, 1))
 
 
 def test_the_context_model_reads_only_latents_decoded_before():

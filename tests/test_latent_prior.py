@@ -145,9 +145,14 @@ def test_choosing_a_prior_for_latent_pyramids(latent_prior, tmp_path):
         choose_prior(make_config("default", {"prior": str(path), "levels": 4}, model="g"))
     # A start has one grid per level: none for two, though levels, widths and entropy model match
     two = make_config("default", {"prior": str(path), "levels": 4, "hidden": [8], "grid_channels": 2}, model="g")
-    with pytest.raises(ConfigError, match=r"hidden widths \[8, 8\], 2 grid\(s\) per level"):
+    with pytest.raises(ConfigError, match=r"hidden widths \[8, 8\], grids per level \[2, 2, 2, 2\]"):
         choose_prior(two)
     assert latent_prior.latent_start(two.latent_architecture(3, 32, 32)) is None
+    coarse = make_config("default", {"prior": str(path), "levels": 4, "hidden": [8], "grid_channels": [2, 1]},
+                         model="g")
+    with pytest.raises(ConfigError, match=r"grids per level \[2, 2, 2, 1\]"):
+        choose_prior(coarse)
+    assert latent_prior.latent_start(coarse.latent_architecture(3, 32, 32)) is None
     mnet = tmp_path / "m.mrprior"
     priors.save(mnet, priors.from_model(__import__("mrnet_core.network", fromlist=["MRNet"]).MRNet(
         make_config("fast").architecture(3)), {"epochs": 1, "lr": 1e-3, "batch_pixels": 64}))

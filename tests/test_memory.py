@@ -42,7 +42,7 @@ def test_max_batch_is_the_largest_that_fits():
     assert max_batch(cfg, 3, 128, 128, 1 << 60, limit=256) == 256
 
 
-@pytest.mark.parametrize("size, levels, grid_channels", [(32, 4, 1), (64, 5, 1), (64, 5, 4)])
+@pytest.mark.parametrize("size, levels, grid_channels", [(32, 4, 1), (64, 5, 1), (64, 5, 4), (64, 5, [4, 1])])
 def test_the_estimate_bounds_the_measured_peak_of_a_latent_pyramid_encode(size, levels, grid_channels):
     cfg = make_config("default", {"max_epochs": [3], "levels": levels, "grid_channels": grid_channels}, model="g")
     batch = torch.rand(3, 3, size, size)

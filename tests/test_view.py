@@ -74,7 +74,7 @@ def test_a_periodic_texture_keeps_tiling_while_panned(tmp_path, browser):
     assert np.abs(home - reference(load(path)[0], 24, 24, 2.0, (-1, -1, 1, 1))).mean() <= 1 / 255
 
 
-@pytest.mark.parametrize("periodic, grid_channels", [(False, 1), (True, 1), (False, 2)])
+@pytest.mark.parametrize("periodic, grid_channels", [(False, 1), (True, 1), (False, 2), (True, [3, 1])])
 def test_a_latent_pyramid_frame_drawn_by_the_page_matches_mrnet_render(tmp_path, browser, periodic, grid_channels):
     image = sample("coffee.png", 24)[:, :16, :24]
     cfg = make_config("default", {"levels": 3, "max_epochs": [150], "rate_weight": 0.001, "periodic": periodic,
