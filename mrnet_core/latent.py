@@ -14,8 +14,9 @@ may also be one count per level (say more grids at the coarse levels, whose grid
 Where an MR-Net keeps the image in its weights, this keeps it in the latents, which entropy-code far better: they
 are trained for it, under a rate-distortion loss (`fit`): every level's squared error plus `lam` times the latents'
 bits per pixel under their entropy model (a context model over the latents decoded before each, or a Laplace per
-grid), with uniform noise standing in for rounding (Ballé et al. 2017), then straight-through rounding to finish (as
-Cool-chic, Ladune et al. 2023, does). The payload format is below; the file's envelope is modelfile.py's.
+grid), with a stand-in for rounding: soft rounding plus uniform noise (Ballé et al. 2017's noise, and the soft
+rounding of Agustsson and Theis 2020 as C3, Kim et al. 2024, anneals it), then straight-through rounding to finish
+(as Cool-chic, Ladune et al. 2023, does). The payload format is below; the file's envelope is modelfile.py's.
 """
 import json
 import math
@@ -32,7 +33,9 @@ from torch import nn
 from .images import DEFAULT_MAX_PIXELS
 from .pyramid import gaussian_pyramid, level_sizes, pixel_grid
 
-NOISE_SHARE = 0.8  # of the steps trained through uniform noise; the rest through straight-through rounding
+NOISE_SHARE = 0.8  # of the steps trained through soft rounding and noise; the rest through straight-through rounding
+# The soft rounding's temperature, from the first step to the last noisy one (`soft_round`; C3's schedule).
+SOFT_ROUND = (0.3, 0.1)
 # A rate target steers the rate weight (`fit`) from this share of the steps on (from the first in a warm restart), by
 # up to e^(RATE_GAIN / 2) over a fit.
 RATE_WARMUP = 0.2
@@ -47,6 +50,10 @@ MAX_DECODE_STEPS = 2**16
 MIN_LOG2_SCALE = -3
 MAX_LOG2_SCALE = MIN_LOG2_SCALE + 255 / 16
 MAX_GRID_CHANNELS = 4  # grids per level of detail
+# The MLP's multiply-adds to draw an image at its own size, at most: seconds on a CPU. A model this much work to draw
+# (say 3,500 px square through four layers of 1,024) is refused, so that no small file can make a render take
+# minutes; the default MLP draws the largest image in about 2% of it.
+MAX_DRAW_MACS = 2**38
 
 
 class TooLarge(ValueError):
@@ -84,6 +91,11 @@ class LatentArchitecture:
             fits = MAX_LATENTS * self.width * self.height / latents / 1e6  # Mpx at this image's latents per pixel
             raise TooLarge(f"a {self.width}x{self.height} image's {self.grid_count} grids hold {latents:,} latents, "
                            f"over a latent pyramid's limit of {MAX_LATENTS:,} (about {fits:.3g} Mpx); use --size")
+        macs = sum(fan_in * fan_out for fan_in, fan_out in self.layer_shapes()) * self.width * self.height
+        if macs > MAX_DRAW_MACS:
+            raise TooLarge(f"a {self.width}x{self.height} image through an MLP of {list(self.hidden)} takes {macs:.3g} "
+                           f"multiply-adds to draw, over a latent pyramid's limit of {MAX_DRAW_MACS:.3g}; use --size "
+                           "or a narrower MLP")
         steps = sum(3 * (h - 1) + w for h, w in sizes)  # wavefronts (`decode_order`): a bound on a decode's time
         if self.context and steps > MAX_DECODE_STEPS:
             raise TooLarge(f"a {self.width}x{self.height} image's grids take {steps:,} steps to decode, over the "
@@ -386,8 +398,13 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
         cut = 1.0 if noisy or resume is not None else 0.1
         for group in optimizer.param_groups:
             group["lr"] = lr * cut * 0.5 * (1 + math.cos(math.pi * step / steps))
-        if noisy:  # the same noise for every image, so that an image is fitted the same in any batch
-            latents = [g + torch.rand_like(g[:1]) - 0.5 for g in model.grids]
+        # The same noise for every image, so that an image is fitted the same in any batch. As in C3, the rate is of
+        # the noisy values (their density is the entropy model's bins') and the MLP reads them soft-rounded again;
+        # the colder the temperature, the closer both come to what the file will hold.
+        if noisy:
+            temperature = SOFT_ROUND[0] + (SOFT_ROUND[1] - SOFT_ROUND[0]) * step / (NOISE_SHARE * steps)
+            noisy_values = [soft_round(g, temperature) + torch.rand_like(g[:1]) - 0.5 for g in model.grids]
+            latents = [soft_round(v, temperature) for v in noisy_values]
         else:  # rounded on the way forward, the identity on the way back
             latents = [g + (torch.round(g) - g).detach() for g in model.grids]
         # Every level's pixels through the MLP in one pass, which runs faster than one pass per level. Level k is
@@ -398,7 +415,7 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
                   for out, (_, target, _) in zip(model.mlp(features).split(counts, dim=2), levels)]
         loss = sum(errors[:-1]) * coarse_weight + errors[-1]
         finest = errors[-1].detach()
-        bits = latent_bits(model, latents)  # [B]
+        bits = latent_bits(model, noisy_values if noisy else latents)  # [B]
         loss = (loss + lam * bits / (h * w)).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -418,6 +435,13 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
             g.copy_(torch.round(g))
     model.rate_weights = lam.tolist()
     return model.requires_grad_(False)
+
+
+def soft_round(y: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A differentiable stand-in for rounding (Agustsson and Theis 2020): each step from n to n + 1 is a tanh centred
+    on n + 1/2, as steep as `temperature` is small (rounding at 0, the identity as it grows), and continuous."""
+    floor = torch.floor(y)
+    return floor + 0.5 + 0.5 * torch.tanh((y - floor - 0.5) / temperature) / math.tanh(0.5 / temperature)
 
 
 def start_shapes(levels: int, hidden: tuple, context: bool, channels: int = 3) -> list[tuple[int, ...]]:
@@ -776,6 +800,9 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
         else:
             read_grids(groups[: arch.grid_count])
             read_weights(groups[arch.grid_count :])
+    # A range decoder reads up to two words ahead, so one extra word may pass; more, or words and no symbols, do not.
+    if not decoder.maybe_exhausted() or (n_words and not coded):
+        raise fail("payload is corrupt: words are left over after its symbols")
     if value_bound(model) > MAX_VALUE:
         raise fail("its latents and weights can drive the network's values past float32's range (overflow)")
     model.exponents, model.context_exponents = [exponent], [context_exponent]

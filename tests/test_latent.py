@@ -527,6 +527,43 @@ def test_values_that_could_overflow_and_pyramids_over_the_latent_limit_are_refus
         modelfile.from_bytes(forged)
 
 
+def test_models_too_much_work_to_draw_and_words_left_over_are_refused(fitted):
+    # Four layers of 1,024 over 3,500 x 3,500 pixels: about 5e13 multiply-adds, a quarter of an hour to draw.
+    with pytest.raises(latent.TooLarge, match="multiply-adds to draw"):
+        latent.LatentArchitecture(3, 3500, 3500, 1, (1024,) * 4)
+    wide = _model_of(latent.LatentArchitecture(3, 16, 16, 1, (1024,) * 4))
+    with torch.no_grad():
+        for t in [*wide.weights, *wide.biases]:
+            t.zero_()
+    wide = modelfile.to_bytes(wide, modelfile.ImageMeta(16, 16, 3, 1))
+    assert len(wide) < 200  # all-zero weights are not coded: a tiny file could ask for all that work
+    forged = _edited(_edited(wide, HEAD + 4, "<I", 3500), HEAD + 8, "<I", 3500)
+    with pytest.raises(modelfile.ModelFileError, match="multiply-adds to draw"):
+        modelfile.from_bytes(forged, "slow.mrnet")
+    # Words after a payload's symbols are junk, or the payload is read under a header it was not written with.
+    for data in (modelfile.to_bytes(fitted[0], META), wide):
+        body = data[:-4]
+        n_words = next(k for k in range(len(body) // 4)  # the word count, then that many words, end the payload
+                       if struct.unpack_from("<I", body, len(body) - 4 * k - 4)[0] == k)
+        for extra in (2, 50):
+            at = len(body) - 4 * n_words - 4
+            forged = _sealed(body[:at] + struct.pack("<I", n_words + extra) + body[at + 4 :] + bytes(4 * extra))
+            with pytest.raises(modelfile.ModelFileError, match="words are left over"):
+                modelfile.from_bytes(forged, "padded.mrnet")
+
+
+def test_soft_rounding_goes_from_the_identity_to_rounding_and_is_continuous():
+    y = torch.linspace(-3, 3, 6001, dtype=torch.float64)
+    assert (latent.soft_round(y, 100.0) - y).abs().max() < 1e-4
+    away = (y - y.round()).abs() < 0.45  # rounding's steps are at the half-integers
+    assert (latent.soft_round(y, 0.01) - y.round())[away].abs().max() < 1e-4
+    for temperature in (0.3, 0.1):
+        steps = latent.soft_round(y, temperature).diff()
+        assert (steps >= 0).all() and steps.max() < 0.01  # monotone, and no jump at an integer or half-integer
+        whole = torch.arange(-3.0, 4.0, 0.5, dtype=torch.float64)
+        assert torch.allclose(latent.soft_round(whole, temperature), whole)
+
+
 def test_a_warm_restart_starts_where_its_fit_ended(fitted):
     model, images = fitted
     second = model.select([1])
