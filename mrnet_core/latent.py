@@ -746,6 +746,8 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
     coded = sum(math.prod(shape) for shape, (_, top) in zip(shapes, groups) if top)
     if coded > MAX_SYMBOLS_PER_WORD * (n_words + 1):
         raise fail(f"bad header: {coded:,} symbols cannot come from {n_words:,} words")
+    if n_words and not coded:
+        raise fail("payload is corrupt: words are left over after its symbols")
     decoder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, "<u4", n_words, offset).astype(np.uint32))
 
     def decode(family, *params, n):
@@ -800,8 +802,8 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
         else:
             read_grids(groups[: arch.grid_count])
             read_weights(groups[arch.grid_count :])
-    # A range decoder reads up to two words ahead, so one extra word may pass; more, or words and no symbols, do not.
-    if not decoder.maybe_exhausted() or (n_words and not coded):
+    # A range decoder reads up to two words ahead, so one extra word may pass; more do not.
+    if not decoder.maybe_exhausted():
         raise fail("payload is corrupt: words are left over after its symbols")
     if value_bound(model) > MAX_VALUE:
         raise fail("its latents and weights can drive the network's values past float32's range (overflow)")
