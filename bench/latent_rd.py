@@ -3,10 +3,12 @@ render times, and each photo's BD-rate against each codec over the rates. Prints
 
     python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
         (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context] \\
-        [--prior auto|none|FILE] [--coarse-weight W] [--grid-channels G|G,G,..] [--seed S]
+        [--prior auto|none|FILE] [--coarse-weight W] [--grid-channels G|G,G,..] [--seed S] [--fits]
 
 Every photo is resized so that its short side is --size and centre-cropped to a square, so that all of them are
 fitted together in one batch (`encode.encode`, as an encode job's actor does); times are the batch's, shared.
+With --fits every fit of every image (a first fit and its warm restarts, under a rate target) is printed to stderr:
+its rate weight (where a first fit ended; a restart's fixed one), bytes and full-resolution PSNR.
 """
 import argparse
 import sys
@@ -18,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from mrnet_core import encode as encoding  # noqa: E402
 from mrnet_core.config import make_config  # noqa: E402
 from mrnet_core.encode import choose_prior, encode, refit_steps  # noqa: E402
 from mrnet_core.images import read_image  # noqa: E402
@@ -47,6 +50,21 @@ def fits(epochs, steps):
     return 1 + (epochs - steps) // refit_steps(steps)
 
 
+def print_fits(images, names):
+    """Wrap `encode.measure`, which measures every fit of `encode_latent`, to print each image's fit to stderr."""
+    measure = encoding.measure
+
+    def printing(model, batch, cfg, *args, **kwargs):
+        records, blobs = measure(model, batch, cfg, *args, **kwargs)
+        for j, (record, blob) in enumerate(zip(records, blobs)):
+            name = next(n for n, image in zip(names, images) if torch.equal(image, batch[j]))
+            print(f"fit: {name} rate weight {model.rate_weights[j]:.3g}: {len(blob)} bytes, "
+                  f"{record.levels[-1].psnr:.2f} dB", file=sys.stderr, flush=True)
+        return records, blobs
+
+    encoding.measure = printing
+
+
 def counts(text: str) -> list[int]:
     """A comma-separated list of counts (argparse reports a ValueError as an invalid value)."""
     return [int(n) for n in text.split(",")]
@@ -71,10 +89,13 @@ def main():
     parser.add_argument("--seed", type=int, default=0, help="the config's seed: the draw every fit starts from")
     parser.add_argument("--prior", default="auto", help="where fits start: auto (the shipped start when it fits the "
                                                         "config), none (a random draw) or a prior file")
+    parser.add_argument("--fits", action="store_true", help="print every fit of every image to stderr")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = torch.stack([square(p, args.size) for p in args.photos])
     names = [name_of(p) for p in args.photos]
+    if args.fits:
+        print_fits(images, names)
     results = []
     print(f"prior: {args.prior}\n")
     print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | fits | "
