@@ -22,25 +22,42 @@ sys.path.insert(0, str(ROOT / "bench"))
 from latent_rd import name_of, square  # noqa: E402
 
 from mrnet_core import latent  # noqa: E402
-from mrnet_core.config import make_config  # noqa: E402
+from mrnet_core.config import ConfigError, make_config  # noqa: E402
 from mrnet_core.encode import latent_aim, measure, refit_steps  # noqa: E402
+from mrnet_core.images import ImageError  # noqa: E402
+
+
+def numbers(text: str) -> list[float]:
+    """A comma-separated list of positive numbers (argparse reports a ValueError as an invalid value)."""
+    values = [float(v) for v in text.split(",")]
+    if not all(0 < v < float("inf") for v in values):
+        raise ValueError(text)
+    return values
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--photos", nargs="+", required=True)
-    parser.add_argument("--bpps", default="1", help="rate targets, comma-separated")
-    parser.add_argument("--factors", default="0.25,0.5,1,2,4,8", help="of the first fit's ended rate weight")
+    parser.add_argument("--bpps", type=numbers, default=[1.0], help="rate targets, comma-separated")
+    parser.add_argument("--factors", type=numbers, default=[0.25, 0.5, 1, 2, 4, 8],
+                        help="of the first fit's ended rate weight, comma-separated")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    factors = [float(f) for f in args.factors.split(",")]
+    try:
+        table(args)
+    except (ConfigError, ImageError) as e:  # a photo that cannot be read, a budget too small: one line, not a traceback
+        parser.error(str(e))
+
+
+def table(args):
+    factors = args.factors
     print("| photo | rate | factor | rate weight | bytes | of the budget | PSNR (dB) |\n|---|---|---|---|---|---|---|")
     for path in args.photos:
         image = square(path, args.size)[None]
-        for bpp in (float(v) for v in args.bpps.split(",")):
+        for bpp in args.bpps:
             cfg = make_config("default", {"target_bpp": bpp, "max_epochs": [args.steps], "prior": "none"}, model="g")
             arch = cfg.latent_architecture(*image.shape[1:])
             lr, budget = float(cfg.per_stage("lr")[-1]), math.floor(bpp * args.size * args.size / 8)
