@@ -1,5 +1,7 @@
 """Latent pyramids (model g) against JPEG, WebP and AVIF at equal bytes: bpp, PSNR per level, encode, decode and
-render times, and each photo's BD-rate against each codec over the rates. Prints markdown tables.
+render times, and each photo's BD-rate against each codec over the rates. Prints markdown tables. WebP's PSNR per
+level is of its decoded image's Gaussian pyramid (what a thumbnail made by shrinking the WebP file shows), against
+the original's, as g's levels are.
 
     python bench/latent_rd.py --photos samples/astronaut.png /usr/share/wallpapers/Kite/contents/images/2560x1440.jpg \\
         (--lams 0.01,0.003,0.001 | --bpps 0.25,0.5,1) [--steps 3000] [--size 256] [--threads 2] [--entropy context] \\
@@ -27,7 +29,8 @@ from mrnet_core.images import read_image  # noqa: E402
 from mrnet_core.modelfile import from_bytes  # noqa: E402
 from mrnet_core.render import render  # noqa: E402
 from pipeline.bjontegaard import bd_rate  # noqa: E402
-from pipeline.compare import CODECS, codec_at_budget, curves  # noqa: E402
+from mrnet_core.pyramid import gaussian_pyramid  # noqa: E402
+from pipeline.compare import CODECS, best_at_budget, codec_at_budget, curves, score  # noqa: E402
 
 
 def square(path, size):
@@ -65,6 +68,16 @@ def print_fits(images, names):
     encoding.measure = printing
 
 
+def webp_levels(image, budget, levels):
+    """PSNR per level, coarse to fine, of the best WebP file within `budget` bytes, its decoded image's Gaussian
+    pyramid against the original's; None when no WebP file is that small."""
+    best, _ = best_at_budget(image, "webp", budget)
+    if best is None:
+        return None
+    ours, theirs = (gaussian_pyramid(x[None], levels=levels)[::-1] for x in (image, best[3]))
+    return [score(t[0], o[0])[0] for t, o in zip(theirs, ours)]
+
+
 def counts(text: str) -> list[int]:
     """A comma-separated list of counts (argparse reports a ValueError as an invalid value)."""
     return [int(n) for n in text.split(",")]
@@ -98,9 +111,9 @@ def main():
         print_fits(images, names)
     results = []
     print(f"prior: {args.prior}\n")
-    print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | fits | "
-          "encode s per image | decode s | render 256 px s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| photo | rate | bpp | PSNR per level, coarse to fine (dB) | JPEG | WebP | AVIF | WebP per level | "
+          "levels at or above WebP's | fits | encode s per image | decode s | render 256 px s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     key, values = ("target_bpp", args.bpps) if args.bpps else ("rate_weight", args.lams)
     for value in (float(v) for v in values.split(",")):
         overrides = {key: value, "max_epochs": [args.steps], "levels": args.levels, "entropy": args.entropy,
@@ -120,10 +133,13 @@ def main():
             render(model, 256, 256)
             draw = time.perf_counter() - start
             codecs = {c: codec_at_budget(image, c, len(blob))[f"{c}_psnr"] for c in CODECS}
+            webp = webp_levels(image, len(blob), len(r.levels))
+            above = "-" if webp is None else sum(lv.psnr >= p for lv, p in zip(r.levels, webp))
             results.append({"photo": name, "bpp": r.bpp, "psnr": r.levels[-1].psnr})
             show = " | ".join("-" if codecs[c] is None else f"{codecs[c]:.2f}" for c in CODECS)
             rate = f"{value:g} bpp" if args.bpps else f"lambda {value:g}"
             print(f"| {name} | {rate} | {r.bpp:.3f} | {' / '.join(f'{lv.psnr:.2f}' for lv in r.levels)} | {show} | "
+                  f"{'-' if webp is None else ' / '.join(f'{p:.2f}' for p in webp)} | {above} of {len(r.levels)} | "
                   f"{fits(r.stages[0].epochs, args.steps)} | {seconds:.0f} | {decode:.2f} | {draw:.3f} |", flush=True)
     print("\n| photo | BD-rate vs JPEG | vs WebP | vs AVIF |\n|---|---|---|---|")
     for name, image in zip(names, images):

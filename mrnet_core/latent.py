@@ -3,13 +3,18 @@
 Grid k (k = 0 coarsest, ..., N-1 finest) holds one value per pixel of level k of the image's pyramid
 (`pyramid.level_sizes`). The network is
 
-    f(x, t) = MLP([c_0(t) z_0(x), ..., c_{N-1}(t) z_{N-1}(x)]),   c_k(t) = clamp(t - k, 0, 1),
+    f(x, t) = MLP([z_0^t(x), ..., z_{N-1}^t(x)]),
 
-where z_k(x) is grid k bilinearly interpolated at the point x of the domain [-1, 1]^2 (wrapped around for periodic
-textures) and the MLP has ReLU hidden layers and a linear output. Like an MR-Net's stages, t = k shows level k from
-the coarsest k grids alone, fractional t blends, and f can be drawn at any size and window (`render.render`). With
-`grid_channels` G above 1, each level has G grids of its size, all faded by its c_k(t), and the MLP reads N x G; G
-may also be one count per level (say more grids at the coarse levels, whose grids are small).
+where z_k^t(x) is grid k as level of detail t reads it, bilinearly interpolated at the point x of the domain [-1, 1]^2
+(wrapped around for periodic textures), and the MLP has ReLU hidden layers and a linear output. At t = j + 1, level
+j, it reads the grids of levels 0 to j as they are and each finer grid through its mipmap at level j: the grid pooled
+down to level j's size as the image's pyramid is (`LatentNet.mipmaps`), so that no input holds detail finer than the
+level and the finer grids' coarse content still shows. Between integers t blends two levels' reads, and below t = 1
+level 0's fades to 0. So, like an MR-Net's stages, t = k shows level k, fractional t blends, and f can be drawn at any
+size and window (`render.render`) without aliasing. Files written before mipmaps (flag 16) fade the finer grids out
+instead, z_k^t = clamp(t - k, 0, 1) z_k, which left levels 0 to 3 4 to 14 dB worse. With `grid_channels` G above
+1, each level has G grids of its size, and the MLP reads N x G; G may also be one count per level (say more grids at
+the coarse levels, whose grids are small).
 
 Where an MR-Net keeps the image in its weights, this keeps it in the latents, which entropy-code far better: they
 are trained for it, under a rate-distortion loss (`fit`): every level's squared error plus `lam` times the latents'
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .images import DEFAULT_MAX_PIXELS
-from .pyramid import gaussian_pyramid, level_sizes, pixel_grid
+from .pyramid import blur, gaussian_pyramid, halve, level_sizes, pixel_grid, resample
 
 NOISE_SHARE = 0.8  # of the steps trained through soft rounding and noise; the rest through straight-through rounding
 # The soft rounding's temperature, from the first step to the last noisy one (`soft_round`; C3's schedule).
@@ -73,6 +78,9 @@ class LatentArchitecture:
     # Grids per level, all of its resolution: one count for every level, or a tuple of one per level, coarse to fine
     # (held as one int when they are all equal, so that equal architectures compare and serialise equal).
     grid_channels: int | tuple = 1
+    # How a coarser level of detail reads the grids finer than it: through their mipmaps (each pooled down to the
+    # level's size, as the image's pyramid is), or faded out to 0 (files written before mipmaps, flag 16 unset).
+    mipmaps: bool = True
 
     def __post_init__(self):
         if self.channels < 1 or not self.hidden or any(w < 1 for w in self.hidden):
@@ -120,7 +128,7 @@ class LatentArchitecture:
 
     @property
     def grid_levels(self) -> list[int]:
-        """The level of each grid: its size, and the c_k(t) that fades it."""
+        """The level of each grid: its size, and from which level of detail on it is read as it is."""
         return [k for k, n in enumerate(self.level_grids) for _ in range(n)]
 
     @property
@@ -172,6 +180,7 @@ class LatentNet(nn.Module):
         self.arch, self.batch = arch, batch
         self.exponents = [None] * batch  # per image: its MLP weights are multiples of 2^-e (`quantise_weights`)
         self.rate_weights = [None] * batch  # per image: the rate weight its fit ended at (`fit`)
+        self._drawn_mipmaps = None  # (grids, their versions, mipmaps) last drawn without gradients (`mipmaps`)
         generator = torch.Generator().manual_seed(seed)
         self.grids = nn.ParameterList([nn.Parameter(torch.zeros(batch, h, w)) for h, w in arch.sizes])
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
@@ -206,41 +215,93 @@ class LatentNet(nn.Module):
                 latents: list[torch.Tensor] | None = None) -> torch.Tensor:
         """f(coords, t) for every image: [B, P, C] at coords [P, 2]; t=None shows every level. `latents` stand in for
         the grids (noisy or rounded ones while fitting)."""
-        grids = self.grids if latents is None else latents
-        features = [sample(g, coords, self.arch.periodic) for g in grids]  # N of [B, P]
-        return self.mlp(torch.stack(features, dim=1), t).transpose(1, 2)
+        reads = self.reads(t, self.grids if latents is None else latents)
+        features = [_blend(read, lambda g: sample(g, coords, self.arch.periodic)) for read in reads]  # N of [B, P]
+        return self.mlp(torch.stack(features, dim=1)).transpose(1, 2)
 
     def on_pixels(self, height: int, width: int, t: float | None = None,
                   latents: list[torch.Tensor] | None = None) -> torch.Tensor:
         """`forward` at the pixel centres of a height x width image of the whole domain (`pyramid.pixel_grid`)."""
-        return self.mlp(self.pixel_features(height, width, latents), t).transpose(1, 2)
+        return self.mlp(self.pixel_features(height, width, latents, t)).transpose(1, 2)
 
-    def pixel_features(self, height: int, width: int, latents: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """The MLP's inputs [B, N, H*W] at the pixel centres of a height x width image of the whole domain. There
-        bilinear interpolation is torch's upsampling, which is several times faster than `sample` (the same values,
-        up to rounding; periodic grids go through `sample`)."""
-        grids = self.grids if latents is None else latents
+    def pixel_features(self, height: int, width: int, latents: list[torch.Tensor] | None = None,
+                       t: float | None = None) -> torch.Tensor:
+        """The MLP's inputs [B, N, H*W] at level of detail t, at the pixel centres of a height x width image of the
+        whole domain. There bilinear interpolation is torch's upsampling, which is several times faster than
+        `sample` (the same values, up to rounding; periodic grids go through `sample`)."""
+        reads = self.reads(t, self.grids if latents is None else latents)
         if self.arch.periodic:
-            coords = pixel_grid(height, width, device=grids[0].device)
-            return torch.stack([sample(g, coords, True) for g in grids], dim=1)
-        up = [F.interpolate(g.unsqueeze(1), size=(height, width), mode="bilinear", align_corners=False)
-              for g in grids]  # N of [B, 1, H, W]
+            coords = pixel_grid(height, width, device=reads[0][0][0].device)
+            return torch.stack([_blend(read, lambda g: sample(g, coords, True)) for read in reads], dim=1)
+        def upsample(g):  # a grid (or mipmap) of the image's size is its own interpolation
+            g = g.unsqueeze(1)
+            return g if g.shape[-2:] == (height, width) else F.interpolate(g, size=(height, width), mode="bilinear",
+                                                                           align_corners=False)
+
+        up = [_blend(read, upsample) for read in reads]  # N of [B, 1, H, W]
         return torch.cat(up, dim=1).flatten(2)
 
-    def fade(self, t: float | None = None) -> torch.Tensor:
-        """c_k(t) of every grid, k its level: [N]; t=None shows every level."""
-        t = float(self.arch.levels) if t is None else float(t)
-        return torch.tensor([min(max(t - k, 0.0), 1.0) for k in self.arch.grid_levels], device=self.grids[0].device)
+    def mipmaps(self, grids: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Each grid [B, h, w] at every level up to its own, coarse to fine: pooled down level by level as the image's
+        pyramid is (`pyramid.gaussian_pyramid`), so that a coarse level reads a finer grid as its low-pass. Drawing
+        (no gradients) keeps the last grids' mipmaps: `render` draws a large image a chunk at a time."""
+        drawing = not torch.is_grad_enabled() or not any(g.requires_grad for g in grids)
+        versions = [(g._version, g.data_ptr()) for g in grids]  # changed in place, or its data moved (`to`)
+        if drawing and self._drawn_mipmaps is not None:
+            kept, kept_versions, chains = self._drawn_mipmaps
+            if len(kept) == len(grids) and all(a is b for a, b in zip(kept, grids)) and kept_versions == versions:
+                return chains
+        shapes, border = self.arch.level_shapes, "wrap" if self.arch.periodic else "reflect"
+        chains = [[g] for g in grids]  # fine to coarse, until the end
+        for level in range(self.arch.levels - 1, 0, -1):  # every grid at this level's size, halved at once
+            members = [j for j, k in enumerate(self.arch.grid_levels) if k >= level]
+            stack = torch.stack([chains[j][-1] for j in members], 1)  # [B, n, h, w]
+            h, w = shapes[level - 1]
+            even = stack.shape[-2:] == (2 * h, 2 * w)
+            low = halve(stack, border) if even else resample(blur(stack, border), h, w, border)
+            for i, j in enumerate(members):
+                chains[j].append(low[:, i])
+        chains = [chain[::-1] for chain in chains]
+        self._drawn_mipmaps = (list(grids), versions, chains) if drawing else None
+        return chains
 
-    def mlp(self, features: torch.Tensor, t: float | None = None) -> torch.Tensor:
-        """The MLP on interpolated grids [B, N, P], the finer ones faded out by c_k(t): [B, C, P]. Channels first:
-        with P the long, contiguous dimension the narrowest products run about 3 times faster."""
-        h = features if t is None else features * self.fade(t)[:, None]  # [B, N, P]
+    def reads(self, t: float | None, grids: list[torch.Tensor]) -> list[list[tuple[torch.Tensor, float]]]:
+        """What the MLP reads of each grid at level of detail t: terms (grid, weight) whose interpolations add up to
+        its input. At t = k + 1 (level k) the grids of levels 0 to k as they are and, with mipmaps, each finer one
+        pooled to level k's size (without, 0); between integers, a blend of the two levels' reads; below t = 1, level
+        0's read fades to 0. t=None (or t >= the level count) reads every grid as it is."""
+        levels = self.arch.levels
+        if t is None or t >= levels:
+            return [[(g, 1.0)] for g in grids]
+        t = max(float(t), 0.0)
+        if not self.arch.mipmaps:
+            return [[(g, min(max(t - k, 0.0), 1.0))] for g, k in zip(grids, self.arch.grid_levels)]
+        level = max(t - 1, 0.0)
+        low, blend, fade = int(level), level - int(level), min(t, 1.0)
+        reads = []
+        for chain, k in zip(self.mipmaps(grids), self.arch.grid_levels):
+            read = [(chain[min(low, k)], fade * (1 - blend))]
+            if blend:
+                read.append((chain[min(low + 1, k)], fade * blend))
+            reads.append(read)
+        return reads
+
+    def mlp(self, features: torch.Tensor) -> torch.Tensor:
+        """The MLP on interpolated grids [B, N, P]: [B, C, P]. Channels first: with P the long, contiguous dimension
+        the narrowest products run about 3 times faster."""
+        h = features
         for j, (w, b) in enumerate(zip(self.weights, self.biases)):  # w [B, fan_in, fan_out], or shared: [1, ...]
             h = torch.baddbmm(b.unsqueeze(2), w.transpose(1, 2).expand(len(h), -1, -1), h)  # [B, fan_out, P]
             if j < len(self.weights) - 1:
                 h = torch.relu(h)
         return h
+
+
+def _blend(read: list[tuple[torch.Tensor, float]], interpolate: Callable) -> torch.Tensor:
+    """The sum of weight x interpolate(grid) over a read's terms (`LatentNet.reads`)."""
+    if len(read) == 1 and read[0][1] == 1.0:
+        return interpolate(read[0][0])
+    return sum(c * interpolate(g) for g, c in read)
 
 
 def laplace_bits(symbols: torch.Tensor, log2_scale: torch.Tensor) -> torch.Tensor:
@@ -385,10 +446,15 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
             for t, s in zip(model.parameters(), resume.parameters(), strict=True):
                 t.copy_(s)
     model = model.to(images.device)
+
+    def level_reads(latents):  # per level k, the grids it reads, one term each (`LatentNet.reads` at t = k + 1)
+        chains = model.mipmaps(latents) if arch.mipmaps else [[torch.zeros_like(g)] * j + [g] for g, j in
+                                                               zip(latents, arch.grid_levels)]
+        return [[chain[min(k, j)] for chain, j in zip(chains, arch.grid_levels)] for k in range(arch.levels)]
+
     targets = gaussian_pyramid(images, levels=arch.levels, border="wrap" if arch.periodic else border)[::-1]
     levels = [(g.shape[-2:], g.flatten(2), k) for k, g in enumerate(targets)]  # target [B, C, P]
     counts = [target.shape[2] for _, target, _ in levels]
-    ends = np.cumsum(arch.level_grids).tolist()  # level k reads grids 0 to ends[k] - 1
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     lam = torch.as_tensor(lam, dtype=torch.float32, device=images.device).expand(b).clone()
     for step in range(steps):
@@ -408,9 +474,9 @@ def fit(images: torch.Tensor, arch: LatentArchitecture, lam: float | torch.Tenso
         else:  # rounded on the way forward, the identity on the way back
             latents = [g + (torch.round(g) - g).detach() for g in model.grids]
         # Every level's pixels through the MLP in one pass, which runs faster than one pass per level. Level k is
-        # t = k + 1: the grids of levels 0 to k at full weight, the finer ones faded out (inputs 0, not interpolated).
-        features = torch.cat([F.pad(model.pixel_features(*size, latents[: ends[k]]),
-                                    (0, 0, 0, arch.grid_count - ends[k])) for size, _, k in levels], dim=2)
+        # t = k + 1: the grids of levels 0 to k as they are, the finer ones pooled to its size (`LatentNet.reads`).
+        reads = level_reads(latents)
+        features = torch.cat([model.pixel_features(*size, reads[k]) for size, _, k in levels], dim=2)
         errors = [(out - target).square().mean(dim=(1, 2))  # [B] per level
                   for out, (_, target, _) in zip(model.mlp(features).split(counts, dim=2), levels)]
         loss = sum(errors[:-1]) * coarse_weight + errors[-1]
@@ -559,7 +625,8 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
 
 # The payload of a model file of version `modelfile.LATENT_VERSION` (the envelope, version and checksum are
 # modelfile.py's). All numbers little-endian:
-#     header   channels, flags (1: periodic, 2: context model, 4: grid channels, 8: grid channels per level), level
+#     header   channels, flags (1: periodic, 2: context model, 4: grid channels, 8: grid channels per level, 16:
+#              coarser levels read finer grids through their mipmaps, `LatentArchitecture.mipmaps`), level
 #              count, hidden-layer count: four uint8; width, height: uint32; hidden widths: uint16 each; the MLP's
 #              step exponent e: uint8; with a context model, its step exponent: uint8; with flag 4, grids per level (2
 #              to MAX_GRID_CHANNELS): uint8; with flag 8 (never with 4), each level's grids, coarse to fine (1 to
@@ -576,7 +643,7 @@ def quantise_context(model: LatentNet, exponents: range = range(3, MAX_CONTEXT_E
 #              Decoding is exact.
 _HEAD = struct.Struct("<4BII")
 _GROUP = struct.Struct("<BI")
-PERIODIC, CONTEXT, GRID_CHANNELS, LEVEL_GRIDS = 1, 2, 4, 8
+PERIODIC, CONTEXT, GRID_CHANNELS, LEVEL_GRIDS, MIPMAPS = 1, 2, 4, 8, 16
 MAX_HIDDEN = 4
 MAX_WIDTH = 1024
 MAX_EXPONENT = 24
@@ -640,7 +707,8 @@ def to_payload(model: LatentNet, index: int = 0) -> bytes:
     codes = scale_codes(model.grid_scales[index].detach().cpu()).tolist()
     per_level = isinstance(arch.grid_channels, tuple)
     several = not per_level and arch.grid_channels > 1
-    flags = PERIODIC * arch.periodic + CONTEXT * arch.context + GRID_CHANNELS * several + LEVEL_GRIDS * per_level
+    flags = (PERIODIC * arch.periodic + CONTEXT * arch.context + GRID_CHANNELS * several + LEVEL_GRIDS * per_level
+             + MIPMAPS * arch.mipmaps)
     parts = [_HEAD.pack(arch.channels, flags, arch.levels, len(arch.hidden), arch.width, arch.height),
              struct.pack(f"<{len(arch.hidden)}HB", *arch.hidden, exponent)]
     encoder = constriction.stream.queue.RangeEncoder()
@@ -693,7 +761,7 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
     try:
         channels, flags, levels, n_hidden, width, height = _HEAD.unpack_from(data, offset)
         offset += _HEAD.size
-        if (channels not in (1, 3) or flags > 15 or flags & GRID_CHANNELS and flags & LEVEL_GRIDS
+        if (channels not in (1, 3) or flags > 31 or flags & GRID_CHANNELS and flags & LEVEL_GRIDS
                 or not 1 <= levels <= 16 or not 1 <= n_hidden <= MAX_HIDDEN):
             raise fail(f"bad header: channels {channels}, flags {flags}, {levels} levels, {n_hidden} hidden layers")
         if not 1 <= width * height <= DEFAULT_MAX_PIXELS:
@@ -722,7 +790,8 @@ def from_payload(data, offset: int, end: int, fail: Callable[[str], Exception]) 
             raise fail(f"bad header: context step exponent {context_exponent} (3 to {MAX_CONTEXT_EXPONENT})")
         try:
             arch = LatentArchitecture(channels, width, height, levels, tuple(hidden), bool(flags & PERIODIC),
-                                      bool(flags & CONTEXT), grid_channels=grid_channels)
+                                      bool(flags & CONTEXT), grid_channels=grid_channels,
+                                      mipmaps=bool(flags & MIPMAPS))
         except ValueError as e:
             raise fail(f"bad header: {e}") from None
         weight_shapes = [s for fi, fo in arch.layer_shapes() for s in ((fi, fo), (fo,))]

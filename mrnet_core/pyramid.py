@@ -50,6 +50,21 @@ def blur(images: torch.Tensor, border: str = "reflect") -> torch.Tensor:
     return x.reshape(b, c, h, w)
 
 
+# Blurring with the binomial [1, 4, 6, 4, 1] / 16 and then halving an even size, which samples midway between pixel
+# pairs, is one filter at stride 2: [1, 4, 6, 4, 1] convolved with [1, 1], over 32.
+_HALVING = (1 / 32, 5 / 32, 10 / 32, 10 / 32, 5 / 32, 1 / 32)
+
+
+def halve(images: torch.Tensor, border: str = "reflect") -> torch.Tensor:
+    """`resample(blur(images), H / 2, W / 2)` of images [B, C, H, W] of even H and W (up to rounding), as sums of
+    strided slices: several times faster than `blur`'s one-channel convolutions, forwards and backwards
+    (`latent.LatentNet.mipmaps` runs it at every fitting step)."""
+    h, w = images.shape[-2:]
+    padded = _pad(images, 2, border)
+    rows = sum(c * padded[..., e : e + h : 2, :] for e, c in enumerate(_HALVING))
+    return sum(c * rows[..., e : e + w : 2] for e, c in enumerate(_HALVING))
+
+
 def resample(images: torch.Tensor, height: int, width: int, border: str = "reflect") -> torch.Tensor:
     """Bilinear resampling onto an (height, width) grid of pixel centres covering the same domain."""
     h, w = images.shape[-2:]

@@ -15,6 +15,7 @@ import json
 import re
 
 import numpy as np
+import torch
 
 from mrnet_core.network import MODELS
 
@@ -23,7 +24,7 @@ from .page import esc
 TEXTURE_WIDTH = 1024  # weights live in an R32F texture this many floats wide
 VIEWER_IMAGES = 24  # models one page of a job holds at most (each is its weights, 4 bytes a parameter, in base64)
 # Values one model may bring: as many rows of the texture as every WebGL 2 device holds (a latent pyramid of about
-# 1.5 Mpx at one grid per level); and all of a page's models together (about 85 MB of base64).
+# 1.2 Mpx at one grid per level, its mipmaps included); and all of a page's models together (about 85 MB of base64).
 MAX_MODEL_VALUES = 2048 * TEXTURE_WIDTH
 MAX_PAGE_VALUES = 8 * MAX_MODEL_VALUES
 
@@ -31,9 +32,13 @@ MAX_PAGE_VALUES = 8 * MAX_MODEL_VALUES
 def flat_weights(model, index=0):
     """Image `index`'s weights as one float32 array, stage by stage, layer by layer, weight [fan_in, fan_out]
     (row-major) then bias: the order `Architecture.layer_shapes` gives, as in the model file. A latent pyramid's:
-    its grids coarse to fine (row-major), then its MLP's layers in the same order."""
+    its grids coarse to fine (row-major), then its MLP's layers in the same order, then, with mipmaps, each grid's
+    mipmaps below its own level, coarse to fine (`latent_offsets`)."""
     if model.arch.model == "g":
         tensors = [*model.grids, *(t for pair in zip(model.weights, model.biases) for t in pair)]
+        if model.arch.mipmaps:
+            with torch.no_grad():
+                tensors += [m for chain in model.mipmaps(list(model.grids)) for m in chain[:-1]]
     else:
         tensors = [t for stage in model.stages for pair in zip(stage.weights, stage.biases) for t in pair]
     return np.concatenate([t[index].detach().cpu().float().numpy().ravel() for t in tensors]).astype("<f4")
@@ -108,25 +113,55 @@ def shader_source(arch):
     return "\n".join(lines)
 
 
+def latent_offsets(arch):
+    """Where `flat_weights` puts each grid of a latent pyramid: per grid, [(offset, height, width)] of its read at
+    every level up to its own, coarse to fine (without mipmaps, its own alone); and where the MLP starts."""
+    own, offset = [], 0
+    for h, w in arch.sizes:
+        own.append((offset, h, w))
+        offset += h * w
+    mlp = offset
+    offset += sum((fan_in + 1) * fan_out for fan_in, fan_out in arch.layer_shapes())
+    reads = []
+    for (base, h, w), k in zip(own, arch.grid_levels):
+        chain = []
+        for mh, mw in arch.level_shapes[:k] if arch.mipmaps else []:
+            chain.append((offset, mh, mw))
+            offset += mh * mw
+        reads.append([*chain, (base, h, w)])
+    return reads, mlp
+
+
 def latent_shader_source(arch):
     """GLSL ES 3.0 fragment shader evaluating a latent pyramid (`latent.LatentNet`) for `arch` at each pixel centre:
-    each grid bilinearly interpolated as `latent.sample` does (edge values continue, or the grid wraps), faded by
-    c_k(t) (k the grid's level), then the MLP (ReLU hidden layers, linear output)."""
-    lines = [*PROLOGUE, f"  float h0[{arch.grid_count}];"]
-    base = 0
-    for k, (h, w) in enumerate(arch.sizes):
-        def index(v, n):  # GLSL's % is undefined for negative ints; mod() of floats is floored
-            return f"int(mod({v}, {float(n)}))" if arch.periodic else f"int(clamp({v}, 0.0, {float(n - 1)}))"
-
-        lines += [f"  {{ float u = (px + 1.0) * {glsl_float(w / 2)} - 0.5, v = (py + 1.0) * {glsl_float(h / 2)} - 0.5;",
-                  "    float u0 = floor(u), v0 = floor(v), fu = u - u0, fv = v - v0;",
-                  f"    int l = {index('u0', w)}, r = {index('u0 + 1.0', w)}, "
-                  f"a = {base} + {index('v0', h)} * {w}, b = {base} + {index('v0 + 1.0', h)} * {w};",
-                  "    float upper = w(a + l) * (1.0 - fu) + w(a + r) * fu;",
-                  "    float lower = w(b + l) * (1.0 - fu) + w(b + r) * fu;",
-                  f"    h0[{k}] = clamp(u_t - {float(arch.grid_levels[k])}, 0.0, 1.0) * "
-                  "(upper * (1.0 - fv) + lower * fv); }"]
-        base += h * w
+    each grid read at level of detail t as `LatentNet.reads` reads it (bilinearly interpolated as `latent.sample`
+    does, edge values continuing or the grid wrapping; with mipmaps, a blend of two levels' mipmaps; without,
+    faded by c_k(t)), then the MLP (ReLU hidden layers, linear output)."""
+    index = "int(mod(x, float(n)))" if arch.periodic else "int(clamp(x, 0.0, float(n - 1)))"  # GLSL's % of a negative
+    lines = [*PROLOGUE[:-3], f"int at(float x, int n) {{ return {index}; }}",
+             "float tap(int base, int gh, int gw, float px, float py) {",
+             "  float u = (px + 1.0) * float(gw) * 0.5 - 0.5, v = (py + 1.0) * float(gh) * 0.5 - 0.5;",
+             "  float u0 = floor(u), v0 = floor(v), fu = u - u0, fv = v - v0;",
+             "  int l = at(u0, gw), r = at(u0 + 1.0, gw);",
+             "  int a = base + at(v0, gh) * gw, b = base + at(v0 + 1.0, gh) * gw;",
+             "  float upper = w(a + l) * (1.0 - fu) + w(a + r) * fu;",
+             "  float lower = w(b + l) * (1.0 - fu) + w(b + r) * fu;",
+             "  return upper * (1.0 - fv) + lower * fv;", "}", *PROLOGUE[-3:], f"  float h0[{arch.grid_count}];",
+             f"  float level = clamp(u_t - 1.0, 0.0, {float(arch.levels - 1)});",
+             "  int low = int(floor(level)); float blend = level - float(low), fade = clamp(u_t, 0.0, 1.0);"]
+    reads, base = latent_offsets(arch)
+    for j, (chain, k) in enumerate(zip(reads, arch.grid_levels)):
+        if not arch.mipmaps:
+            offset, h, w = chain[-1]
+            lines.append(f"  h0[{j}] = clamp(u_t - {float(k)}, 0.0, 1.0) * tap({offset}, {h}, {w}, px, py);")
+            continue
+        n = len(chain)
+        lines += [f"  {{ const int oo[{n}] = int[{n}]({', '.join(str(o) for o, _, _ in chain)}), "
+                  f"hh[{n}] = int[{n}]({', '.join(str(h) for _, h, _ in chain)}), "
+                  f"ww[{n}] = int[{n}]({', '.join(str(w) for _, _, w in chain)});",
+                  f"    int m = min(low, {k}), m1 = min(low + 1, {k});",
+                  f"    h0[{j}] = fade * ((1.0 - blend) * tap(oo[m], hh[m], ww[m], px, py)"
+                  " + blend * tap(oo[m1], hh[m1], ww[m1], px, py)); }"]
     shapes = arch.layer_shapes()
     for j, (fan_in, fan_out) in enumerate(shapes):
         bias = base + fan_in * fan_out
